@@ -1,0 +1,1 @@
+"""Data: tfds builders, the synthetic pedestrian set, tokenizer, text augmentation, tf.data pipelines."""

@@ -1,0 +1,1 @@
+"""Flax modules: CLIP dual encoder, restoration decoder, the UIT model, weight conversion."""
