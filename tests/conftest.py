@@ -7,3 +7,53 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ----------------------------------------------------------------------------- tiny CLIP checkpoint (models)
+
+import pytest  # noqa: E402
+
+TINY_WORDS = (
+    "a an the man woman person he she his her is wearing with and carrying holding walking "
+    "red blue black white green yellow gray brown pink purple orange dark light "
+    "shirt t-shirt jacket coat pants jeans shorts skirt dress shoes boots bag backpack hat hair long short"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dir(tmp_path_factory) -> str:
+    """A tiny random transformers `CLIPModel` plus its tokenizer, saved with save_pretrained (safetensors).
+
+    Sizes are odd on purpose (text 40 wide / 5 heads, vision 48 / 4 heads, 32x32 images, patch 8, embed 24),
+    so a wrong transpose cannot pass. Text pools at the first end-of-text token (eos_token_id is its real id).
+    Load with `uit_jax.models.clip.load(path, image_size=...)` and
+    `uit_jax.data.tokenizer.load_tokenizer(path)`.
+    """
+    import torch
+    import transformers
+
+    from uit_jax.data import tokenizer as tk
+
+    out = tmp_path_factory.mktemp("tiny_hf_clip")
+    tk.write_bpe_tokenizer(TINY_WORDS, out)
+    tok = tk.load_tokenizer(str(out))
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+            num_attention_heads=5, max_position_embeddings=77, bos_token_id=tk.sot_id(tok),
+            eos_token_id=tk.eot_id(tok), pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():  # the default init leaves LayerNorms at identity: randomise them so they are tested
+        for name, p in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return str(out)
