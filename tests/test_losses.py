@@ -261,3 +261,16 @@ def test_bf16_inputs_compute_in_float32():
     as_bf16_f32 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
     ref = losses.sdm(as_bf16_f32(img), as_bf16_f32(txt), pid, 50.0)
     np.testing.assert_allclose(float(out), float(ref), rtol=1e-6)
+
+
+def test_global_batch_sharded_over_devices_matches_single_device():
+    devices = np.array(jax.devices())
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    b = 2 * devices.size
+    img, txt = _feats(12, b=b, d=8)
+    pid = np.arange(b) // 3  # positives and hardest negatives cross shard boundaries
+    row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    fn = lambda i, t, p: (losses.sdm(i, t, p, 50.0), losses.triplet(i, t, p), losses.itc(i, t, 50.0))
+    sharded = jax.jit(fn)(*(jax.device_put(x, row) for x in (img, txt, pid)))
+    for got, ref in zip(sharded, fn(img, txt, pid)):
+        np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
