@@ -339,6 +339,6 @@ def test_parity_with_sen_torch(residual, e_txt, layers):
         theirs = ref(_t(img), _t(txt), torch.from_numpy(ids_restore)).numpy()
     err = np.abs(np.asarray(ours) - theirs).max()
     print(
-        f"parity residual={residual} e_txt={e_txt}: max abs diff {err:.2e}, scale {np.abs(theirs).max():.2f}"
+        f"parity residual={residual} e_txt={e_txt}: max diff {err:.2e}, max |out| {np.abs(theirs).max():.2f}"
     )
     assert err < 1e-4

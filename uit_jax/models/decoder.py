@@ -255,7 +255,8 @@ class RestorationDecoder(nn.Module):
         patches = jnp.concatenate([x[:, 1:], fill], axis=1)  # (B, N, W): [kept..., mask tokens...]
         patches = jnp.take_along_axis(patches, ids_restore[:, :, None].astype(jnp.int32), axis=1)
         x = jnp.concatenate([x[:, :1], patches], axis=1)  # (B, 1+N, W), original patch order
-        self.sow("intermediates", "restored", x)
+        if not self.is_initializing():  # keep init's variables to params only; tests read this via mutable=
+            self.sow("intermediates", "restored", x)
         x = x + jnp.asarray(sincos_pos_embed_2d(self.width, self.grid, cls_token=True), self.dtype)
 
         q = _layer_norm(x, "ln_q", self.param_dtype, self.dtype)
