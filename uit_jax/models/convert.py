@@ -30,11 +30,13 @@ _IGNORED = re.compile(r"(^|\.)position_ids$")  # non-persistent buffers some exp
 
 def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix of 1-D linear interpolation as torch computes it with align_corners=False."""
-    scale = n_in / n_out
-    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)  # torch clamps negative sources to 0
+    # float32 arithmetic as in torch's CPU kernel, so the weights match it to the last bit.
+    f = np.float32
+    scale = f(n_in) / f(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=f) + f(0.5)) - f(0.5), f(0))  # negatives clamp to 0
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
+    lam = (src - i0.astype(f)).astype(np.float64)
     w = np.zeros((n_out, n_in))
     np.add.at(w, (np.arange(n_out), i0), 1.0 - lam)
     np.add.at(w, (np.arange(n_out), i1), lam)
