@@ -1,0 +1,73 @@
+"""Default data configs for each dataset; the configs/*.py files start from these and override fields."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+_ROOT = os.environ.get("UIT_DATA_ROOT", os.path.join(os.path.expanduser("~"), "uit_data"))
+_FOLDERS = {"synthetic": "synthetic_pedes", "cuhk": "CUHK-PEDES", "icfg": "ICFG-PEDES", "rstp": "RSTPReid"}
+
+
+def data_config(name: str) -> ml_collections.ConfigDict:
+    """The data config group for `name` in {'synthetic', 'cuhk', 'icfg', 'rstp'}."""
+    if name not in _FOLDERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_FOLDERS)}")
+    c = ml_collections.ConfigDict()
+    # Which dataset: picks the tfds builder in uit_jax.data.builders.BUILDERS.
+    c.name = name
+    # The official folder (imgs/ + annotation json). Synthetic: where the generated set is written on
+    # first use. Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting to ~/uit_data.
+    c.manual_dir = os.path.join(_ROOT, _FOLDERS[name])
+    # Where tfds keeps the built dataset; None = tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    c.data_dir = None
+    # (height, width) every image is resized to. Real sets: the reference's 384x128.
+    c.image_size = (384, 128)
+    # Caption length in tokens, start/end-of-text included (CLIP's 77).
+    c.text_len = 77
+    # Training sampler: 'identity' = the reference's RandomIdnumSampler (per epoch each identity is split
+    # into chunks of 1..pairs_per_id pairs; each round draws global_batch // pairs_per_id distinct identities
+    # and takes one chunk of each); 'random' = a fresh permutation of all pairs each epoch.
+    c.sampler = "identity"
+    # Largest number of image-caption pairs of one identity that are kept together ('identity' sampler).
+    c.pairs_per_id = 2
+    # Random horizontal flip (p 0.5).
+    c.flip = True
+    # Zero padding before the random crop back to image_size (the reference's Pad(10) + RandomCrop); 0 = off.
+    c.crop_pad = 10
+    # Probability of random erasing (area 0.02-0.4 of the image, aspect 0.3-3.3); 0 = off.
+    c.erasing_prob = 0.5
+    # Erased pixels: 'mean' = the CLIP mean pixel; 'reference' = torchvision's value=mean written into the
+    # normalised tensor as IRRA/SEN do (see uit_jax/data/augment.py).
+    c.erasing_fill = "mean"
+    # Probability that a training caption is cut to its nouns, adjectives, pronouns (SEN's key-word filter).
+    c.keyword_prob = 0.2
+    # SEN's BERT-style masking of every training caption (30% of nouns/adjectives, 5% of other tokens;
+    # 80% mask id, 10% random, 10% kept). SEN does it through a side effect; on here to reproduce its numbers.
+    c.mlm_masking = True
+    # Also emit mlm_text / mlm_labels (labels 0 = not a target) for an MLM head.
+    c.mlm_outputs = False
+    # Not used: the samplers draw whole-epoch permutations of indices in memory, an exact shuffle, so there is
+    # no shuffle buffer. Kept so that configs which set it keep working; setting it changes nothing.
+    c.shuffle_buffer = 0
+    # Default seed of the data order and augmentations (the trainer passes its own seed explicitly).
+    c.seed = 0
+    # Split used for model selection, and the splits evaluated (validation first).
+    c.val_split = "val"
+    c.test_split = "test"
+    c.eval_splits = ("val", "test")
+    if name == "synthetic":
+        c.image_size = (128, 64)  # small for CPU runs; the set is rendered at this size
+        s = ml_collections.ConfigDict()
+        s.train_ids = 1000  # identities per split; a few hundred in val/test keep R1 stable to ~2 points
+        s.val_ids = 300
+        s.test_ids = 300
+        s.images_per_id = 4  # each with two captions
+        s.height = 128  # native render size
+        s.width = 64
+        s.seed = 0  # generation seed (everything in the set is a function of it)
+        # Where the set is generated: a reference to manual_dir (the builder reads it from there).
+        s.out_dir = c.get_ref("manual_dir")
+        c.synthetic = s
+    return c

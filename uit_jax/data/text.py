@@ -1,0 +1,153 @@
+"""Caption-side data work: word splitting, POS tagging, the key-word filter, token alignment and MLM masking.
+
+What depends only on the caption is done once: words and their Penn Treebank tags at build time (builders.py),
+token ids of the full and the key-word-filtered caption, with a per-token "content word" flag, when a pipeline
+is created (`encode_captions`). Per step only two random choices remain, done in TensorFlow by `mask_tokens`.
+
+The reference code (SEN, datasets/bases.py) and how we differ:
+  * Key-word filter: with probability 0.2 a training caption is cut to the words tagged PRP*, NN* or JJ*
+    (SEN tags with NLTK per step; we tag once, in context, at build time).
+  * Masking: every training caption is masked BERT-style, as a side effect of SEN's MLM helper
+    (`caption_tokens.numpy()` shares memory with the tensor it returns). Each regular token is selected
+    with p 0.3 if it is a noun/adjective (NN, NNS, NNP, NNPS, JJ, JJR, JJS) and 0.05 otherwise; a selected
+    token becomes the mask token (80%), a uniformly random token in [1, mask_id) (10%), or stays (10%);
+    its label is the original id, 0 elsewhere. If nothing is selected, token 1 is masked.
+    SEN tags each BPE piece on its own (`pos_tag([piece])`); we give each piece the in-context tag of the
+    word it belongs to. SEN's "at least one" rule can mask the end-of-text token of an empty (filtered)
+    caption; we never touch start/end-of-text or padding, so the text tower always finds its pooling token.
+  * Mask token: CLIP's vocabulary has none. SEN's tokenizer drops the last BPE merge ("jekyll</w>", id
+    49405) and puts `<|mask|>` at that id, right before start-of-text (49406) and end-of-text (49407).
+    We use the same id, `mask_token_id(tokenizer) = start-of-text id - 1`, for any CLIP-style tokenizer
+    (including the small synthetic one, whose special tokens are also last).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from uit_jax.data import tokenizer as tok_lib
+
+KEYWORD_PREFIXES = ("PRP", "NN", "JJ")  # kept by the key-word filter
+CONTENT_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS", "JJ", "JJR", "JJS"})  # masked at the higher rate
+NLTK_TAGGER = "averaged_perceptron_tagger_eng"
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[a-z][.!?])(?=[A-Z])")
+
+
+def split_words(caption: str) -> list[str]:
+    """Words and punctuation of a caption, Treebank style ("man's" -> "man", "'s"; "shirt." -> "shirt", ".").
+
+    Like `nltk.word_tokenize` without its Punkt sentence splitter (which needs a data download): sentences
+    are cut on end punctuation with a regex, then each goes through NLTK's Treebank word tokenizer.
+    """
+    from nltk.tokenize import NLTKWordTokenizer
+
+    tk = NLTKWordTokenizer()
+    return [w for s in _SENTENCE_END.split(caption.strip()) if s for w in tk.tokenize(s)]
+
+
+def nltk_tagger() -> Callable[[list[str]], list[str]]:
+    """NLTK's averaged perceptron tagger, or an error naming the one command that installs its data."""
+    import nltk
+
+    try:
+        nltk.data.find(f"taggers/{NLTK_TAGGER}/")
+    except LookupError:
+        raise LookupError(
+            f"POS tags for the key-word filter need NLTK's '{NLTK_TAGGER}' data, which is not installed "
+            f"(searched {nltk.data.path}). Install it with:\n    python -m nltk.downloader {NLTK_TAGGER}"
+        ) from None
+    from nltk.tag.perceptron import PerceptronTagger
+
+    tagger = PerceptronTagger()
+    return lambda words: [t for _, t in tagger.tag(list(words))]
+
+
+def lexicon_tagger(tags: dict[str, str]) -> Callable[[list[str]], list[str]]:
+    """A tagger from a word -> tag table (the synthetic set's, or a test's); unknown words are an error."""
+
+    def tag(words):
+        missing = sorted({w for w in words if w.lower() not in tags})
+        if missing:
+            raise KeyError(f"words without a POS tag in the lexicon: {missing}")
+        return [tags[w.lower()] for w in words]
+
+    return tag
+
+
+def keyword_filter(words: Sequence[str], tags: Sequence[str]) -> list[str]:
+    """The words tagged PRP*, NN* or JJ*, in order (SEN's filter_sentence)."""
+    return [w for w, t in zip(words, tags) if t.startswith(KEYWORD_PREFIXES)]
+
+
+def mask_token_id(tokenizer) -> int:
+    """The id SEN uses for `<|mask|>`: the one right before start-of-text (49405 for OpenAI CLIP)."""
+    sot = tok_lib.sot_id(tokenizer)
+    eot = tok_lib.eot_id(tokenizer)
+    mask = min(sot, eot) - 1
+    if mask < 2:
+        raise ValueError(f"tokenizer has special ids sot={sot}, eot={eot}: no room for a mask id below them.")
+    return mask
+
+
+def encode_captions(
+    tokenizer, words: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], max_len: int = 77
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (N, max_len) int32 and content flags (N, max_len) bool for word-split captions.
+
+    CLIP's BPE never merges across whitespace or punctuation, so tokenizing each distinct word once and
+    concatenating gives the ids of the caption tokenized whole (checked in tests) and tells which word each
+    token came from. Layout as `tokenizer.tokenize`: SOT, tokens, EOT, zeros; too long -> cut, EOT last.
+    """
+    vocab = sorted({w for ws in words for w in ws})
+    word_ids = tok_lib.tokenize(tokenizer, vocab, max_len=max_len)
+    eot = tok_lib.eot_id(tokenizer)
+    sot = tok_lib.sot_id(tokenizer)
+    pieces = {}
+    for w, row in zip(vocab, word_ids):
+        end = int(np.argmax(row == eot))
+        pieces[w] = row[1:end]
+    ids = np.zeros((len(words), max_len), np.int32)
+    content = np.zeros((len(words), max_len), bool)
+    for i, (ws, ts) in enumerate(zip(words, tags)):
+        seq, flag = [sot], [False]
+        for w, t in zip(ws, ts):
+            p = pieces[w]
+            seq.extend(p.tolist())
+            flag.extend([t in CONTENT_TAGS] * len(p))
+        seq, flag = seq[: max_len - 1] + [eot], flag[: max_len - 1] + [False]
+        ids[i, : len(seq)] = seq
+        content[i, : len(flag)] = flag
+    return ids, content
+
+
+def mask_tokens(ids, content, seed, *, mask_id: int, content_rate: float = 0.3, other_rate: float = 0.05):
+    """SEN's BERT-style masking of one caption, in TensorFlow with a stateless seed.
+
+    ids: int32 (L,); content: bool (L,); seed: int32/int64 (2,). Returns (masked ids, labels), labels 0 where
+    not a target. Regular tokens are those with 0 < id < mask_id (not padding, not SOT/EOT).
+    """
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(seed, 3)
+    length = tf.shape(ids)[0]
+    u = tf.random.stateless_uniform([length], s[0])
+    v = tf.random.stateless_uniform([length], s[1])
+    rnd = tf.random.stateless_uniform([length], s[2], minval=1, maxval=mask_id, dtype=tf.int32)
+    regular = (ids > 0) & (ids < mask_id)
+    rate = tf.where(content, content_rate, other_rate)
+    chosen = regular & (u < rate)
+    # Within the chosen: 80% mask, 10% random, 10% kept (SEN rescales the same uniform; a second one is
+    # equivalent in distribution).
+    new = tf.where(v < 0.8, mask_id, tf.where(v < 0.9, rnd, ids))
+    masked = tf.where(chosen, new, ids)
+    labels = tf.where(chosen, ids, 0)
+    # At least one target: position 1 (the first word), if it is a regular token.
+    none = tf.logical_not(tf.reduce_any(chosen))
+    first = tf.one_hot(1, length, on_value=True, off_value=False) & regular & none
+    masked = tf.where(first, mask_id, masked)
+    labels = tf.where(first, ids, labels)
+    return masked, labels
