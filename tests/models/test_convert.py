@@ -234,3 +234,20 @@ def test_convert_checkpoint_cli(tiny_hf_clip_dir, tmp_path, ext):
                 node = node.setdefault(m, {})
             node[leaf] = v
     _assert_trees_equal(got, ref)
+
+
+def test_hub_id_resolves_from_a_prefilled_cache(tiny_hf_clip_dir, tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's cache (offline here): the layout HF_HOME/hub would hold."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--tiny-org--tiny-clip" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_hf_clip_dir, name), snapshot)
+    (tmp_path / "models--tiny-org--tiny-clip" / "refs").mkdir()
+    (tmp_path / "models--tiny-org--tiny-clip" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _, params = clip.load("tiny-org/tiny-clip", image_size=(32, 32))
+    _, ref = clip.load(tiny_hf_clip_dir, image_size=(32, 32))
+    _assert_trees_equal(params, ref)

@@ -420,6 +420,7 @@ class CLIP(nn.Module):
         embed (B, E): projected post-LN class token. tokens (B, 1+K, E): post-LN + projection of the class
         token and every kept patch. hidden (B, 1+K, D): HF's last_hidden_state (no post-LN). mask (B, N):
         1.0 where a patch was dropped. ids_restore (B, N) int32: un-shuffles [kept..., dropped...].
+        `drop_ratio` is a Python float (it fixes K, a shape); `rng` a jax key, needed when it is > 0.
         """
         hidden, mask, ids_restore = self.vision_model(jnp.asarray(images, self.dtype), drop_ratio, rng)
         tokens = self.visual_projection(self.vision_model.post_layernorm(hidden))
