@@ -277,6 +277,15 @@ def make_train_iterator(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     local = global_batch // process_count
     data = data if data is not None else load_split(cfg, "train")
+    # Sampler errors surface here rather than inside tf.data's generator thread.
+    epoch_order(
+        data["pid"],
+        sampler=cfg.sampler,
+        global_batch=global_batch,
+        pairs_per_id=cfg.pairs_per_id,
+        seed=seed,
+        epoch=0,
+    )
     ids, content, fids, fcontent = _encode_train_text(cfg, tokenizer, data)
     images, pids, image_ids = data["images"], data["pid"], data["image_id"]
     mask_id = text_lib.mask_token_id(tokenizer)
