@@ -75,6 +75,9 @@ def test_keyword_filter_rate(tiny):
     b = _take(pipeline.make_train_iterator(cfg, tok, global_batch=50, seed=2, data=train), 8)
     full = {tuple(r) for r in tok_lib.tokenize(tok, list(train["caption"]))}
     texts = np.concatenate([x["text"] for x in b])
+    cut = [" ".join(text_lib.keyword_filter(w, t)) for w, t in zip(train["words"], train["pos"])]
+    cut = {tuple(r) for r in tok_lib.tokenize(tok, cut)}
+    assert all(tuple(t) in full or tuple(t) in cut for t in texts)
     filtered = np.mean([tuple(t) not in full for t in texts])
     assert 0.13 < filtered < 0.27  # p = 0.2 over 400 rows
 

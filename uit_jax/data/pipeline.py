@@ -244,13 +244,15 @@ def stream_rows(
 # Training iterator.
 # ---------------------------------------------------------------------------------------------------------
 def _encode_train_text(cfg, tokenizer, data):
-    ids, content = text_lib.encode_captions(tokenizer, data["words"], data["pos"], cfg.text_len)
+    L = cfg.text_len
+    ids, content = text_lib.encode_captions(tokenizer, data["caption"], data["words"], data["pos"], L)
     fw, ft = [], []
     for ws, ts in zip(data["words"], data["pos"]):
         kept = [(w, t) for w, t in zip(ws, ts) if t.startswith(text_lib.KEYWORD_PREFIXES)]
         fw.append([w for w, _ in kept])
         ft.append([t for _, t in kept])
-    fids, fcontent = text_lib.encode_captions(tokenizer, fw, ft, cfg.text_len)
+    # The filtered caption is its kept words joined by spaces, as SEN's filter_sentence writes it.
+    fids, fcontent = text_lib.encode_captions(tokenizer, [" ".join(w) for w in fw], fw, ft, L)
     return ids, content, fids, fcontent
 
 

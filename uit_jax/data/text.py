@@ -2,7 +2,8 @@
 
 What depends only on the caption is done once: words and their Penn Treebank tags at build time (builders.py),
 token ids of the full and the key-word-filtered caption, with a per-token "content word" flag, when a pipeline
-is created (`encode_captions`). Per step only two random choices remain, done in TensorFlow by `mask_tokens`.
+is created (`encode_captions`; tokenizer offsets map tokens to words). Per step only two random choices
+remain, done in TensorFlow by `mask_tokens`.
 
 The reference code (SEN, datasets/bases.py) and how we differ:
   * Key-word filter: with probability 0.2 a training caption is cut to the words tagged PRP*, NN* or JJ*
@@ -94,33 +95,43 @@ def mask_token_id(tokenizer) -> int:
 
 
 def encode_captions(
-    tokenizer, words: Sequence[Sequence[str]], tags: Sequence[Sequence[str]], max_len: int = 77
+    tokenizer,
+    texts: Sequence[str],
+    words: Sequence[Sequence[str]],
+    tags: Sequence[Sequence[str]],
+    max_len: int = 77,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids (N, max_len) int32 and content flags (N, max_len) bool for word-split captions.
+    """Token ids (N, max_len) int32 of `texts` and a per-token content-word flag (N, max_len) bool.
 
-    CLIP's BPE never merges across whitespace or punctuation, so tokenizing each distinct word once and
-    concatenating gives the ids of the caption tokenized whole (checked in tests) and tells which word each
-    token came from. Layout as `tokenizer.tokenize`: SOT, tokens, EOT, zeros; too long -> cut, EOT last.
+    Ids are exactly `tokenizer.tokenize(tokenizer, texts, max_len)` (SOT, tokens, EOT, zeros; cut with EOT
+    last). A token is a content word if the word (from `words`, tagged `tags`) covering its first character
+    is tagged NN*/JJ* (CONTENT_TAGS). Words are located in the text left to right; a word the splitter
+    rewrote (NLTK turns '"' into '``') is not found and its characters count as not content.
     """
-    vocab = sorted({w for ws in words for w in ws})
-    word_ids = tok_lib.tokenize(tokenizer, vocab, max_len=max_len)
-    eot = tok_lib.eot_id(tokenizer)
-    sot = tok_lib.sot_id(tokenizer)
-    pieces = {}
-    for w, row in zip(vocab, word_ids):
-        end = int(np.argmax(row == eot))
-        pieces[w] = row[1:end]
-    ids = np.zeros((len(words), max_len), np.int32)
-    content = np.zeros((len(words), max_len), bool)
-    for i, (ws, ts) in enumerate(zip(words, tags)):
-        seq, flag = [sot], [False]
+    sot, eot = tok_lib.sot_id(tokenizer), tok_lib.eot_id(tokenizer)
+    ids = np.zeros((len(texts), max_len), np.int32)
+    content = np.zeros((len(texts), max_len), bool)
+    if not len(texts):
+        return ids, content
+    enc = tokenizer(
+        list(texts),
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_len - 2,
+        return_offsets_mapping=True,
+    )
+    for i, (text, ws, ts) in enumerate(zip(texts, words, tags)):
+        char_content = np.zeros(len(text) + 1, bool)
+        cursor = 0
         for w, t in zip(ws, ts):
-            p = pieces[w]
-            seq.extend(p.tolist())
-            flag.extend([t in CONTENT_TAGS] * len(p))
-        seq, flag = seq[: max_len - 1] + [eot], flag[: max_len - 1] + [False]
-        ids[i, : len(seq)] = seq
-        content[i, : len(flag)] = flag
+            j = text.find(w, cursor)
+            if j >= 0:
+                char_content[j : j + len(w)] = t in CONTENT_TAGS
+                cursor = j + len(w)
+        toks = enc["input_ids"][i][: max_len - 2]
+        starts = [min(s, len(text)) for s, _ in enc["offset_mapping"][i][: max_len - 2]]
+        ids[i, : len(toks) + 2] = [sot, *toks, eot]
+        content[i, 1 : len(toks) + 1] = char_content[starts]
     return ids, content
 
 
