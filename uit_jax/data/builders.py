@@ -16,7 +16,7 @@ Split rules (as IRRA's datasets/*.py, plus validation where the reference has no
     CUHK-PEDES  reid_raw.json, key file_path, splits train / val / test.
     RSTPReid    data_captions.json, key img_path, splits train / val / test.
     ICFG-PEDES  ICFG-PEDES.json, key file_path, splits train / test only. Our val split holds out every
-                20th training identity (sorted by id: 0th, 20th, ...), about 5% of them (155 of 3102),
+                20th training identity (sorted by id: 0th, 20th, ...), about 5% of them (156 of 3102),
                 so model selection never looks at test; train keeps the other identities.
                 (IRRA/SEN have no ICFG validation set and select on test.)
 Bad input is reported all at once: missing folders or files, malformed JSON entries, unknown splits,
