@@ -56,9 +56,9 @@ def test_official_layout_read_by_plain_json(tmp_path):
     assert synthetic.read_spec(str(tmp_path)) == SPEC
 
 
-def test_every_word_has_a_tag_and_a_token():
+def test_every_word_has_a_tag_and_a_token(tmp_path):
     rng = np.random.default_rng(0)
-    tok = tok_lib.load_tokenizer(tok_lib.write_bpe_tokenizer(synthetic.VOCABULARY, _tmpdir()))
+    tok = tok_lib.load_tokenizer(tok_lib.write_bpe_tokenizer(synthetic.VOCABULARY, tmp_path))
     for i in range(200):
         ident = synthetic.sample_identity(np.random.default_rng(i))
         cap = synthetic.make_caption(ident, rng)
@@ -69,12 +69,6 @@ def test_every_word_has_a_tag_and_a_token():
         body = ids[1 : int(np.argmax(ids == tok_lib.eot_id(tok)))]
         # The vocabulary covers every word: the tokens spell the caption back (CLIP's unknown is EOT).
         assert tok.decode(body.tolist()).replace(" ", "") == cap.lower().replace(" ", "")
-
-
-def _tmpdir():
-    import tempfile
-
-    return tempfile.mkdtemp()
 
 
 def test_captions_carry_the_colours():
