@@ -204,3 +204,11 @@ def test_default_tagger_needs_nltk_data(tmp_path, monkeypatch):
     b = builders.CuhkPedes(data_dir=str(tmp_path / "tfds"))
     with pytest.raises(LookupError, match="nltk.downloader averaged_perceptron_tagger_eng"):
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "raw")))
+
+
+def test_missing_manual_dir_shows_the_download_instructions(tmp_path):
+    b = builders.IcfgPedes(data_dir=str(tmp_path / "tfds"), tagger=TAGGER)
+    with pytest.raises(AssertionError, match="ICFG-PEDES.json"):
+        b.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "none"))
+        )
