@@ -158,6 +158,7 @@ def test_bad_process_and_sampler_arguments(tiny):
 def test_eval_iterators_cover_everything_once(tiny):
     cfg, info, tok, _ = tiny
     val = pipeline.load_split(cfg, "val")
+    assert pipeline.load_split(cfg, "val") is val  # kept: periodic evaluation does not re-read the files
     g, q = pipeline.make_eval_iterators(cfg, tok, split="val", batch_size=4, data=val)
     gb, qb = list(g), list(q)
     assert len(gb) == len(g) == 4 and len(qb) == len(q) == 8  # 15 images, 30 captions, batches of 4

@@ -116,13 +116,28 @@ def prepare(cfg, **builder_kwargs) -> DatasetInfo:
     )
 
 
+_SPLIT_CACHE: dict[tuple, dict[str, np.ndarray]] = {}
+_SPLIT_CACHE_SIZE = 4  # train, val, test and one more: the trainer evaluates the same splits again and again
+
+
 def load_split(cfg, split: str, *, builder=None, with_images: bool = True) -> dict[str, np.ndarray]:
-    """A built split in memory, ordered by (image_id, caption_index).
+    """A built split in memory, ordered by (image_id, caption_index). Treat the arrays as read-only.
 
     Returns arrays over pairs: caption (str), words / pos (object arrays of str lists), pid, orig_id,
     image_id; and if with_images, images: object array of encoded bytes indexed by image_id.
+    Recently read splits are kept (keyed by the built dataset's folder), so periodic evaluation does not
+    read the files again.
     """
     builder = builder or get_builder(cfg)
+    key = (os.fspath(builder.data_dir), split, with_images)
+    if key not in _SPLIT_CACHE:
+        if len(_SPLIT_CACHE) >= _SPLIT_CACHE_SIZE:
+            _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))  # oldest first
+        _SPLIT_CACHE[key] = _read_split(builder, split, with_images)
+    return _SPLIT_CACHE[key]
+
+
+def _read_split(builder, split: str, with_images: bool) -> dict[str, np.ndarray]:
     if split not in builder.info.splits:
         raise ValueError(
             f"split {split!r} not in dataset {builder.name}; it has {sorted(builder.info.splits)}"
