@@ -1,11 +1,14 @@
 """tf.data pipelines: batch contents, sampler guarantees, process slicing, resume, eval padding."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from uit_jax.data import augment, defaults, pipeline
+from uit_jax.data import augment, defaults, pipeline, synthetic
 from uit_jax.data import text as text_lib
 from uit_jax.data import tokenizer as tok_lib
 
@@ -189,12 +192,49 @@ def test_eval_iterators_cover_everything_once(tiny):
                 np.testing.assert_allclose(np.concatenate([a[s][k], b[s][k]]), big[s][k])
 
 
-def test_prepare_rejects_a_stale_synthetic_folder(tiny):
-    cfg, *_ = tiny
-    cfg = cfg.copy_and_resolve_references()
-    cfg.synthetic.seed = 99
+def test_prepare_rejects_a_stale_synthetic_folder(tiny, tmp_path):
+    cfg = tiny[0].copy_and_resolve_references()
+    cfg.manual_dir, cfg.data_dir = str(tmp_path), str(tmp_path / "tfds")
+    root = pipeline.synthetic_dir(cfg)
+    synthetic.generate(
+        root, synthetic.Spec(train_ids=2, val_ids=1, test_ids=1, images_per_id=1, height=32, width=16)
+    )
     with pytest.raises(ValueError, match="Delete the folder"):
         pipeline.prepare(cfg)
+    # other sizes or seeds live in their own folder under manual_dir
+    cfg.synthetic.seed = 5
+    assert (
+        os.path.dirname(pipeline.synthetic_dir(cfg)) == str(tmp_path) and pipeline.synthetic_dir(cfg) != root
+    )
+
+
+_PREPARE = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.data.conftest import tiny_config
+from uit_jax.data import pipeline
+import pathlib
+info = pipeline.prepare(tiny_config(pathlib.Path({root!r})))
+print("pairs", info.num_train_pairs)
+"""
+
+
+@pytest.mark.slow  # ~15 s: two fresh interpreters import TensorFlow; run with -m slow
+def test_two_processes_prepare_the_same_folder_at_once(tmp_path):
+    """The multi-process CPU runs call prepare in every process: one builds, the other waits and reuses it."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = _PREPARE.format(repo=repo, root=str(tmp_path))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert "pairs 72" in out
 
 
 def test_unknown_split(tiny):

@@ -17,8 +17,8 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Which dataset: picks the tfds builder in uit_jax.data.builders.BUILDERS.
     c.name = name
-    # The official folder (imgs/ + annotation json). Synthetic: where the generated set is written on
-    # first use. Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting to ~/uit_data.
+    # The official folder (imgs/ + annotation json). Synthetic: the parent of the generated sets (see
+    # synthetic.out_dir). Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting to ~/uit_data.
     c.manual_dir = os.path.join(_ROOT, _FOLDERS[name])
     # Where tfds keeps the built dataset; None = tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
     c.data_dir = None
@@ -67,7 +67,8 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         s.height = 128  # native render size
         s.width = 64
         s.seed = 0  # generation seed (everything in the set is a function of it)
-        # Where the set is generated: a reference to manual_dir (the builder reads it from there).
+        # Parent folder of the generated set (a reference to manual_dir): it is written, on first use, to
+        # manual_dir/<sizes and seed> (pipeline.synthetic_dir), so sets of different sizes coexist.
         s.out_dir = c.get_ref("manual_dir")
         c.synthetic = s
     return c

@@ -15,6 +15,7 @@ only the choice between them and the MLM masking are drawn, in TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -71,22 +72,28 @@ def get_builder(cfg, **kwargs) -> tfds.core.GeneratorBasedBuilder:
     return builders_lib.BUILDERS[cfg.name](data_dir=data_dir, **kwargs)
 
 
+def synthetic_dir(cfg) -> str:
+    """Where the synthetic set of this config lives: manual_dir/<sizes and seed>, so that sets of different
+    sizes (the tiny test config, the default) sit side by side instead of overwriting each other."""
+    return os.path.join(os.path.expanduser(cfg.manual_dir), builders_lib.synthetic_config(_spec(cfg)).name)
+
+
 def _ensure_synthetic(cfg):
-    root = os.path.expanduser(cfg.manual_dir)
+    root = synthetic_dir(cfg)
     want = _spec(cfg)
     have = synth_lib.read_spec(root)
     if have is None:
         if os.path.exists(os.path.join(root, "reid_raw.json")):
             raise ValueError(
-                f"{root} holds a reid_raw.json but no {synth_lib.SPEC_FILE}: it is not a synthetic "
-                "set written by uit_jax; point data.manual_dir at an empty or synthetic folder."
+                f"{root} holds a reid_raw.json but no {synth_lib.SPEC_FILE}: not a complete synthetic set "
+                "written by uit_jax (an interrupted generation?). Delete the folder; it is regenerated."
             )
         log.info("generating the synthetic set %s in %s", want, root)
         synth_lib.generate(root, want)
     elif have != want:
         raise ValueError(
             f"{root} holds a synthetic set generated with {have}, but the config asks for {want}. "
-            "Delete the folder or set data.manual_dir to another one."
+            "Delete the folder (it is regenerated) or set data.manual_dir to another one."
         )
     tok_dir = os.path.join(root, "tokenizer")
     if not os.path.isdir(tok_dir):
@@ -95,12 +102,26 @@ def _ensure_synthetic(cfg):
 
 
 def prepare(cfg, **builder_kwargs) -> DatasetInfo:
-    """Makes sure the tfds dataset is built (first generating the synthetic set), and describes it."""
-    tok_dir = _ensure_synthetic(cfg) if cfg.name == "synthetic" else None
+    """Makes sure the tfds dataset is built (first generating the synthetic set), and describes it.
+
+    Safe to call from several processes on one machine at once (the multi-process CPU runs): a file lock
+    next to the built dataset lets one process generate and build while the others wait, then reuse it.
+    """
     builder = get_builder(cfg, **builder_kwargs)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(cfg.manual_dir))
-    )
+    lock_dir = os.path.dirname(os.fspath(builder.data_dir))  # <data_dir>/<name>[/<config>]
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, ".prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            tok_dir = _ensure_synthetic(cfg) if cfg.name == "synthetic" else None
+            manual_dir = synthetic_dir(cfg) if cfg.name == "synthetic" else os.path.expanduser(cfg.manual_dir)
+            if not builder.is_prepared():
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+                )
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    builder = get_builder(cfg, **builder_kwargs)  # re-read: another process may have built it
     train = load_split(cfg, "train", builder=builder, with_images=False)
     splits = {name: int(s.num_examples) for name, s in builder.info.splits.items()}
     num_images = {}
