@@ -139,3 +139,11 @@ def test_masking_fallback_masks_first_word_only_if_regular():
     ids = tf.constant([1002, 1001, 0, 0], tf.int32)
     m, lab = text_lib.mask_tokens(ids, content, tf.constant([0, 1], tf.int64), mask_id=1000)
     assert m.numpy().tolist() == [1002, 1001, 0, 0] and not lab.numpy().any()
+
+
+def test_mask_id_of_generated_tokenizer_is_no_word(tmp_path):
+    tok = tok_lib.load_tokenizer(tok_lib.write_bpe_tokenizer(["young", "red", "coat"], tmp_path / "tok"))
+    mask = text_lib.mask_token_id(tok)
+    ids = tok_lib.tokenize(tok, ["a young man in a red coat"], max_len=16)[0]
+    assert mask not in ids
+    assert tok.convert_ids_to_tokens(mask) == "<|mask|>"

@@ -64,9 +64,11 @@ def test_files_layout_and_every_word_is_one_token(tok_dir):
     lines = open(os.path.join(tok_dir, "merges.txt"), encoding="utf-8").read().splitlines()
     assert lines[0].startswith("#version")
     merges = [tuple(line.split(" ")) for line in lines[1:]]
-    # OpenAI layout: 256 byte symbols, their </w> forms, merges, then the two special tokens.
-    assert len(vocab) == 512 + len(merges) + 2
+    # OpenAI layout: 256 byte symbols, their </w> forms, merges, then mask and the two special tokens.
+    assert len(vocab) == 512 + len(merges) + 3
     assert vocab["<|startoftext|>"] == len(vocab) - 2 and vocab["<|endoftext|>"] == len(vocab) - 1
+    # The masking augmentation's id (the one before start-of-text) is a dedicated token, never a word.
+    assert vocab["<|mask|>"] == len(vocab) - 3
     assert vocab["!"] == 0 and vocab["!</w>"] == 256
     ranks = {m: i for i, m in enumerate(merges)}
     for w in ["man", "wearing", "backpack", "carrying"]:

@@ -21,6 +21,7 @@ import transformers
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
+MASK = "<|mask|>"  # only in vocabularies written by write_bpe_tokenizer
 EOW = "</w>"  # CLIP marks the last symbol of each word with this suffix.
 
 
@@ -162,7 +163,7 @@ def write_bpe_tokenizer(words: Iterable[str], out_dir) -> str:
     """Writes a small CLIP-style BPE tokenizer whose vocabulary covers `words`; returns the folder.
 
     Layout follows OpenAI's vocabulary: the 256 byte symbols, the same with `</w>`, one entry per merge, then
-    `<|startoftext|>` and `<|endoftext|>` last. Words are normalised and split exactly as the CLIP tokenizer
+    `<|mask|>` (the masking augmentation's id), `<|startoftext|>` and `<|endoftext|>` last. Words are normalised and split exactly as the CLIP tokenizer
     does (lowercase, letters / digits / punctuation runs), so every piece of every word is a single token, and
     any other text still tokenizes into byte pieces. Deterministic for a given set of words.
     """
@@ -177,7 +178,9 @@ def write_bpe_tokenizer(words: Iterable[str], out_dir) -> str:
             pieces.add((*piece[:-1], piece[-1] + EOW))
     base = list(_bytes_to_unicode().values())
     merges = _learn_merges(sorted(pieces))
-    tokens = base + [c + EOW for c in base] + [a + b for a, b in merges] + [SOT, EOT]
+    # MASK sits right before start-of-text, where the data pipeline looks for the mask id (SEN uses 49405, the
+    # id before start-of-text, in OpenAI's vocabulary); here it is a token no text can produce, not a word.
+    tokens = base + [c + EOW for c in base] + [a + b for a, b in merges] + [MASK, SOT, EOT]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise AssertionError("duplicate BPE symbols; merges are not unique")

@@ -1,0 +1,114 @@
+"""Shared config blocks for every dataset config: model, objectives, optimiser, schedule, mesh, eval, logging.
+
+Each dataset file (`cuhk.py`, `icfg.py`, `rstp.py`, `synthetic.py`) builds its config from these blocks; there is
+no inheritance between config files. Values are the paper's (SEN's published `run_SEN.sh`: batch 128, lr 1e-5,
+60 epochs, cosine, mask ratio 0.7, loss weights sdm 1, id 1, triplet 10, restoration 10) unless a comment says why.
+"""
+
+import ml_collections
+
+from uit_jax.data import defaults as data_defaults
+
+# Launch variants selectable with `--config=configs/cuhk.py:VARIANT`.
+VARIANTS = {
+    "vit-b16": dict(preset="vit-b16", init="openai/clip-vit-base-patch16", stride=16),
+    "vit-l14": dict(preset="vit-l14", init="openai/clip-vit-large-patch14", stride=14),
+}
+
+
+def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown model variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+    v = VARIANTS[variant]
+    return ml_collections.ConfigDict(
+        dict(
+            preset=v["preset"],  # CLIP size when model_init is None (random init); ignored otherwise.
+            stride=v["stride"],  # patch-embedding stride (SEN: 16 for ViT-B/16, i.e. no overlap).
+            drop_ratio=0.7,  # fraction of patches dropped for text-guided restoration (paper: 0.7).
+            temperature=0.02,  # SDM / ITC temperature; logit scale is 1/temperature, fixed as in the reference.
+            decoder_width=0,  # restoration decoder width; 0 means the CLIP embedding width (as SEN).
+            decoder_heads=0,  # 0 means width // 64 (as SEN).
+            decoder_layers=4,  # SEN's cmt_depth.
+            decoder_residual=False,  # SEN drops the residual around the text cross-attention; True keeps it.
+            mlm_layers=4,  # IRRA-style MLM head depth (only built when loss.mlm > 0).
+            dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
+        )
+    )
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    # One weight per objective; weight 0 turns it off and skips its computation.
+    return ml_collections.ConfigDict(
+        dict(
+            sdm=1.0,
+            id=1.0,
+            triplet=10.0,
+            restoration=10.0,
+            itc=0.0,
+            mlm=0.0,
+            triplet_margin=0.05,
+            norm_pix=False,
+        )
+    )
+
+
+# SEN's parameter groups: x5 lr for the randomly initialised `classifier*`, `mlm_head*` and `cross*` modules (in
+# our decoder, the text cross-attention and the transformer blocks after it; the decoder's embed/pred/norms stay
+# x1, as in SEN), then x2 and no weight decay for every other bias. First match wins.
+LR_RULES = (
+    (r"^(classifier|mlm_head)/", 5.0),
+    (r"(^|/)bias$", 2.0),
+    (r"(^|/)cross", 5.0),
+)
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            lr=1e-5,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-3,  # the reference's Adam eps (it trains fp16 weights); a hyperparameter here.
+            weight_decay=4e-5,  # coupled (added to the gradient) as torch.optim.Adam does.
+            # Regex lr multipliers on the '/'-joined param path; first match wins. The reference gives x5 to
+            # its randomly initialised modules (classifier, cross-modal decoder, MLM head) ...
+            lr_rules=LR_RULES,
+            # ... and x2 lr, no weight decay, to every bias.
+            bias_lr_factor=0.0,  # biases are handled by lr_rules above (0: no extra bias rule).
+            grad_clip=0.0,  # global-norm clipping; 0 disables (the reference does not clip).
+        )
+    )
+
+
+def schedule_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(epochs=60, warmup_epochs=5, warmup_factor=0.1, end_lr_factor=0.0))
+
+
+def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128  # global batch of image-caption pairs (SEN's run_SEN.sh).
+    c.data = data_defaults.data_config(dataset)
+    c.model = model_config(variant)
+    # Hugging Face id or local folder (config.json + model.safetensors), or an OpenAI-format .pt file.
+    # None trains from a random init of `model.preset` (the synthetic default does this).
+    c.model_init = VARIANTS[variant]["init"]
+    c.tokenizer = ""  # tokenizer id/folder; empty: model_init's, or the synthetic set's own.
+    c.loss = loss_config()
+    c.optim = optim_config()
+    c.schedule = schedule_config()
+    # Device mesh: 'data' over all devices (-1); 'fsdp' > 1 shards large parameters (rules below).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.sharding_rules = ((".*", "fsdp"),)  # with fsdp=1 this replicates everything.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            every_epochs=1.0,  # validation every N epochs (fractions allowed); <= 0 disables periodic eval.
+            batch_size=512,
+            # Splits: config.data.val_split selects the model (DESIGN.md: never the test set);
+            # config.data.test_split is reported at the best-validation checkpoint and at the last step.
+        )
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, async_save=True, max_nonfinite_in_row=20))
+    c.log = ml_collections.ConfigDict(dict(every_steps=50))
+    c.total_steps = 0  # > 0 overrides schedule.epochs (short runs, tests).
+    return c

@@ -1,0 +1,136 @@
+"""End to end: a tiny config trains, evaluates, checkpoints, resumes (also after SIGTERM), and fails clearly."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from uit_jax import checkpoint as ckpt_lib
+from uit_jax import train
+from uit_jax.data import pipeline
+
+
+def tiny_config(root, **overrides):
+    c = synthetic_config.get_config("tiny")
+    c.data.manual_dir = str(root / "raw")
+    c.data.data_dir = str(root / "tfds")
+    c.data.image_size = (32, 16)
+    s = c.data.synthetic
+    s.train_ids, s.val_ids, s.test_ids, s.images_per_id, s.height, s.width = 16, 6, 6, 2, 32, 16
+    c.batch_size = 16
+    c.eval.batch_size = 32
+    c.total_steps = 4
+    c.eval.every_epochs = 1.0  # 64 pairs / 16 = 4 steps per epoch: one validation, at the end
+    c.checkpoint.async_save = False
+    for k, v in overrides.items():
+        target = c
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    pipeline.prepare(tiny_config(root).data)  # generate + build once for every test here
+    return root
+
+
+def _params(workdir, config, step=None):
+    setup = train.build(config)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    abstract, *_ = train._sharded_state(config, setup, mesh, jax.random.key(config.seed))
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    state = ckpt.restore(step, abstract).state
+    ckpt.close()
+    return jax.device_get(state["params"]), step
+
+
+def test_end_to_end_writes_results(data_root, tmp_path):
+    wd = tmp_path / "run"
+    res = train.train_and_evaluate(tiny_config(data_root), str(wd))
+    saved = json.loads((wd / "results.json").read_text())
+    assert saved["steps"] == 4 and saved["best_step"] == 4
+    for key in ("test_at_last", "test_at_best"):
+        m = saved[key]
+        assert set(m) >= {"R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_gallery"}
+        assert 0.0 <= m["mINP"] <= m["mAP"] <= 100.0 and m["R1"] <= m["R5"] <= m["R10"] <= 100.0
+        assert m["num_gallery"] == 6 * 2 and m["num_queries"] == 6 * 2 * 2  # every test image / caption once
+    assert res["test_at_best"] == saved["test_at_best"]
+    assert "R1" in saved["table"]
+    assert saved["nonfinite_steps"] == 0
+    events = [f for f in os.listdir(wd) if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard summaries written"
+
+
+def test_sigterm_then_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch):
+    config = tiny_config(data_root, **{"eval.every_epochs": 0.0})
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(config, str(straight))
+
+    # Interrupted: SIGTERM arrives while step 2's batch is being read; the run saves step 2 and returns.
+    real = pipeline.make_train_iterator
+
+    def iterator_that_gets_killed(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(pipeline, "make_train_iterator", iterator_that_gets_killed)
+    out = train.train_and_evaluate(config, str(interrupted))
+    assert out == {"stopped_at_step": 2}
+    monkeypatch.setattr(pipeline, "make_train_iterator", real)
+    assert not (interrupted / "results.json").exists()
+
+    # Resumed: same command, continues from step 2 to the end.
+    train.train_and_evaluate(config, str(interrupted))
+    p_straight, s1 = _params(str(straight), config)
+    p_resumed, s2 = _params(str(interrupted), config)
+    assert s1 == s2 == 4
+    for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    r1 = json.loads((straight / "results.json").read_text())["test_at_last"]
+    r2 = json.loads((interrupted / "results.json").read_text())["test_at_last"]
+    assert r1["R1"] == r2["R1"] and abs(r1["mAP"] - r2["mAP"]) < 1e-4
+
+
+def test_nonfinite_losses_stop_the_run_with_last_good_checkpoint(data_root, tmp_path):
+    # An absurd learning rate makes the parameters blow up after the first update; every later step is
+    # non-finite and skipped; after 2 in a row the run stops, keeping the last checkpoint (step 1).
+    config = tiny_config(
+        data_root,
+        **{"optim.lr": 1e30, "checkpoint.max_nonfinite_in_row": 2, "checkpoint.every_steps": 1,
+           "eval.every_epochs": 0.0, "total_steps": 8, "schedule.warmup_epochs": 0},
+    )
+    with pytest.raises(train.NonFiniteLossError, match="non-finite"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "nan" / "checkpoints"), async_save=False)
+    latest = ckpt.latest_step()
+    ckpt.close()
+    params, _ = _params(str(tmp_path / "nan"), config, latest)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), "a non-finite state was checkpointed"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 12}, "multiple of the 8 devices"),
+        ({"data.image_size": (36, 16)}, "not a multiple of the patch stride"),
+        ({"data.name": "market1501"}, "not a known dataset"),
+        ({"loss.sdm": -1.0}, "must be >= 0"),
+    ],
+)
+def test_config_errors_fail_before_building(tmp_path, overrides, message):
+    config = tiny_config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "raw").exists(), "the dataset was generated before the config was checked"

@@ -1,0 +1,102 @@
+"""Entry point: flags (--config, --workdir, --mode), jax.distributed, TensorFlow kept off accelerators, dispatch.
+
+  python -m uit_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+  python -m uit_jax.main --config=configs/cuhk.py --workdir=runs/cuhk --config.data.manual_dir=/data/CUHK-PEDES
+  python -m uit_jax.main --config=configs/cuhk.py --workdir=runs/cuhk --mode=eval
+
+Multi-host (Cloud TPU pods, multi-node GPU): run the same command on every host. With --distributed the JAX
+runtime finds its peers from the environment (TPU metadata, SLURM, Open MPI); or pass --coordinator_address,
+--num_processes and --process_id explicitly.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cuhk.py[:vit-l14].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results.json go.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval."
+)
+_EVAL_STEP = flags.DEFINE_integer(
+    "eval_step", None, "--mode=eval: checkpoint step (default: best by validation R1)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects the cluster)."
+)
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index for jax.distributed.")
+_LIB_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of orbax, tfds, jax (hidden by default).")
+
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_accelerators_from_tf():
+    # TensorFlow only feeds data; it must not grab GPU memory or TPU cores that JAX needs.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    try:
+        tf.config.set_visible_devices([], "TPU")
+    except (ValueError, RuntimeError):
+        pass
+
+
+class _OwnInfoOnly(pylogging.Filter):
+    """Keeps INFO lines from uit_jax and CLU's metric writers; libraries' INFO chatter (orbax writes a dozen
+    lines per checkpoint) is dropped. Warnings and errors always pass."""
+
+    KEEP = (os.sep + "uit_jax" + os.sep, os.sep + "clu" + os.sep)
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or any(k in record.pathname for k in self.KEEP)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _LIB_LOGS.value:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _hide_accelerators_from_tf()
+    import jax
+
+    if _COORD.value or _DISTRIBUTED.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value
+        )
+    logging.info(
+        "JAX %s: process %d of %d, %d local / %d global %s devices",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.default_backend(),
+    )
+    from uit_jax import train
+
+    config = _CONFIG.value
+    if _MODE.value == "train":
+        train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+        train.evaluate_checkpoint(config, _WORKDIR.value, step=_EVAL_STEP.value)
+
+
+def run():
+    # Show absl INFO logs (progress, metrics) on stderr unless the user chose otherwise.
+    if not any(a.startswith(("--verbosity", "-v", "--logtostderr", "--stderrthreshold")) for a in sys.argv):
+        sys.argv.append("--stderrthreshold=info")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,483 @@
+"""The one training loop: mesh -> data -> state -> resume -> steps -> evals -> checkpoints -> results.json.
+
+`train_and_evaluate(config, workdir)` is what `main.py` calls; `evaluate_checkpoint(config, workdir)` backs
+`--mode=eval`. Everything that turns config fields into objects lives here (models never read the config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from uit_jax import checkpoint as ckpt_lib
+from uit_jax import evaluate as eval_lib
+from uit_jax import optim, sharding, steps
+from uit_jax.data import pipeline
+from uit_jax.data import tokenizer as tok_lib
+from uit_jax.models import clip as clip_lib
+from uit_jax.models import uit as uit_lib
+
+KNOWN_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config -> objects
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ValueError(f"config.model.dtype={name!r}: use 'auto', 'float32', 'bfloat16' or 'float16'.") from None
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Fails before anything is built or compiled, with a message that says what to change."""
+    errors = []
+    if config.data.name not in KNOWN_DATASETS:
+        errors.append(f"config.data.name={config.data.name!r} is not a known dataset; use one of {KNOWN_DATASETS}.")
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+        errors.append(
+            f"config.batch_size={config.batch_size} must be a positive multiple of the {num_devices} devices "
+            f"(e.g. --config.batch_size={max(1, config.batch_size // num_devices) * num_devices or num_devices})."
+        )
+    if config.eval.batch_size <= 0 or config.eval.batch_size % num_devices:
+        errors.append(
+            f"config.eval.batch_size={config.eval.batch_size} must be a positive multiple of the {num_devices} devices."
+        )
+    if config.batch_size % jax.process_count():
+        errors.append(f"config.batch_size={config.batch_size} must divide among {jax.process_count()} processes.")
+    h, w = config.data.image_size
+    stride = config.model.stride
+    patch = clip_lib.config_from_preset(config.model.preset).patch_size if not config.model_init else None
+    for side, name in ((h, "height"), (w, "width")):
+        if stride and side % stride:
+            errors.append(
+                f"Image {name} {side} (config.data.image_size={tuple(config.data.image_size)}) is not a multiple of "
+                f"the patch stride {stride} (config.model.stride): pick sizes divisible by {stride}."
+            )
+    if patch is not None and stride and stride != patch and config.loss.restoration:
+        errors.append(f"config.model.stride={stride} != patch size {patch}: restoration needs stride == patch.")
+    for k, v in config.loss.items():
+        if k in steps.OBJECTIVES and v < 0:
+            errors.append(f"config.loss.{k}={v} must be >= 0 (0 turns the objective off).")
+    if not 0.0 <= config.model.drop_ratio < 1.0:
+        errors.append(f"config.model.drop_ratio={config.model.drop_ratio} must be in [0, 1).")
+    if errors:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+@dataclasses.dataclass
+class Setup:
+    model: uit_lib.UIT
+    clip_config: clip_lib.CLIPConfig
+    init_clip_params: Any  # loaded CLIP weights, or None for a random init
+    tokenizer: Any
+    info: Any
+
+
+def build(config, *, num_classes: int | None = None) -> Setup:
+    """Prepares data, tokenizer and model (with pretrained CLIP weights when config.model_init is set)."""
+    info = pipeline.prepare(config.data)
+    tok_src = config.tokenizer or (config.model_init if config.model_init else info.tokenizer_dir)
+    if not tok_src:
+        raise ValueError("No tokenizer: set config.tokenizer or config.model_init (an HF id or folder).")
+    tokenizer = tok_lib.load_tokenizer(tok_src)
+    dtype = compute_dtype(config.model.dtype)
+    image_size = tuple(config.data.image_size)
+    if config.model_init:
+        clip_model, clip_params = clip_lib.load(
+            config.model_init, image_size=image_size, stride=config.model.stride or None, dtype=dtype
+        )
+        clip_cfg = clip_model.config
+    else:
+        clip_cfg = clip_lib.config_from_preset(
+            config.model.preset,
+            vocab_size=len(tokenizer),
+            image_size=image_size,
+            stride=config.model.stride or None,
+            text_len=config.data.text_len,
+            eot_token_id=tok_lib.eot_id(tokenizer),
+        )
+        clip_params = None
+    if clip_cfg.text_len != config.data.text_len:
+        raise ValueError(
+            f"config.data.text_len={config.data.text_len} but the CLIP text tower takes {clip_cfg.text_len} tokens; "
+            f"set --config.data.text_len={clip_cfg.text_len}."
+        )
+    loss = config.loss
+    model = uit_lib.UIT(
+        clip_config=clip_cfg,
+        num_classes=num_classes or info.num_train_ids,
+        drop_ratio=config.model.drop_ratio,
+        decoder_width=config.model.decoder_width,
+        decoder_heads=config.model.decoder_heads,
+        decoder_layers=config.model.decoder_layers,
+        decoder_residual=config.model.decoder_residual,
+        use_id=loss.id > 0,
+        use_restoration=loss.restoration > 0,
+        use_mlm=loss.mlm > 0,
+        mlm_layers=config.model.mlm_layers,
+        dtype=dtype,
+    )
+    return Setup(model=model, clip_config=clip_cfg, init_clip_params=clip_params, tokenizer=tokenizer, info=info)
+
+
+def steps_per_epoch(config, info) -> int:
+    return max(1, info.num_train_pairs // config.batch_size)
+
+
+def total_steps(config, info) -> int:
+    return config.total_steps if config.total_steps > 0 else int(config.schedule.epochs * steps_per_epoch(config, info))
+
+
+def _group_kwargs(config) -> dict:
+    return dict(
+        lr_rules=tuple(tuple(r) for r in config.optim.lr_rules),
+        bias_lr_factor=config.optim.bias_lr_factor or None,
+    )
+
+
+def make_tx(config, info, params):
+    spe = steps_per_epoch(config, info)
+    sched = config.schedule
+    epochs = total_steps(config, info) / spe
+    schedule = optim.make_schedule(
+        base_lr=config.optim.lr,
+        steps_per_epoch=spe,
+        epochs=epochs,
+        warmup_epochs=min(sched.warmup_epochs, epochs),
+        warmup_factor=sched.warmup_factor,
+        end_lr_factor=sched.end_lr_factor,
+    )
+    tx = optim.make_optimizer(
+        params,
+        schedule=schedule,
+        b1=config.optim.b1,
+        b2=config.optim.b2,
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+        grad_clip=config.optim.grad_clip or None,
+        **_group_kwargs(config),
+    )
+    return tx, schedule
+
+
+def init_params(setup: Setup, rng) -> Any:
+    """Random init of the whole model (the pretrained CLIP weights are put in by `_fresh_state`)."""
+    cfg = setup.clip_config
+    h, w = cfg.image_size
+    images = jnp.zeros((1, h, w, 3), jnp.float32)
+    text = jnp.zeros((1, cfg.text_len), jnp.int32)
+    mlm_text = text if setup.model.use_mlm else None
+    return setup.model.init({"params": rng, "dropout": rng}, images, text, rng=rng, mlm_text=mlm_text)["params"]
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks once per step (then it saves and exits cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. under some test runners)
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _sharded_state(config, setup, mesh, rng):
+    """Abstract state, its shardings, and the jitted initialiser that builds it directly on the mesh."""
+    params_shape = jax.eval_shape(lambda r: init_params(setup, r), rng)
+    tx, schedule = make_tx(config, setup.info, params_shape)
+    abstract = jax.eval_shape(lambda p: steps.init_state(p, tx), params_shape)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    specs = sharding.param_partition_specs(abstract, rules, mesh)
+    state_sh = sharding.shardings_for(specs, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    return abstract, state_sh, tx, schedule
+
+
+def _fresh_state(setup, tx, state_sh, rng):
+    """A new state built on the mesh: jitted random init (fast), then the pretrained CLIP weights dropped in."""
+    params = jax.jit(lambda r: init_params(setup, r), out_shardings=state_sh["params"])(rng)
+    if setup.init_clip_params is not None:
+        params = dict(params)
+        ref, got = jax.tree.structure(params["clip"]), jax.tree.structure(setup.init_clip_params)
+        if ref != got:
+            raise ValueError(f"Loaded CLIP parameters do not match the model's tree:\n  model: {ref}\n  loaded: {got}")
+        params["clip"] = jax.tree.map(
+            lambda x, s: jax.device_put(np.asarray(x, np.float32), s),
+            setup.init_clip_params,
+            state_sh["params"]["clip"],
+        )
+    init = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)
+    return init(params)
+
+
+def _eval_split(config, setup, enc_img, enc_txt, params, mesh, split):
+    gallery, queries = pipeline.make_eval_iterators(
+        config.data,
+        setup.tokenizer,
+        split=split,
+        batch_size=config.eval.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return eval_lib.evaluate(enc_img, enc_txt, params, gallery, queries, mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains, evaluates on validation periodically, tests at the best-validation checkpoint; returns results.
+
+    Rerunning with the same workdir resumes from the latest checkpoint. `stop_after` ends this run (with a
+    checkpoint) once that many steps are done, as a preemption would: for job schedulers with time limits.
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    validate_config(config, mesh.size)
+    sharding.check_batch_divisible(config.batch_size, mesh)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+    setup = build(config)
+    info = setup.info
+    n_steps = total_steps(config, info)
+    spe = steps_per_epoch(config, info)
+    logging.info(
+        "Dataset %s: %d train pairs, %d train ids; %d steps/epoch, %d steps",
+        config.data.name,
+        info.num_train_pairs,
+        info.num_train_ids,
+        spe,
+        n_steps,
+    )
+
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    abstract, state_sh, tx, schedule = _sharded_state(config, setup, mesh, init_rng)
+    logging.info(
+        "Optimizer groups:\n%s",
+        optim.describe_groups(abstract["params"], weight_decay=config.optim.weight_decay, **_group_kwargs(config)),
+    )
+
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=config.checkpoint.async_save)
+    best_r1 = -1.0
+    start = ckpt.latest_step()
+    if start is not None:
+        restored = ckpt.restore(start, abstract)
+        state = restored.state
+        best_step = ckpt.best_step()
+        if best_step is not None:
+            best_r1 = float(ckpt.manager.metrics(best_step)[ckpt_lib.BEST_METRIC])
+        logging.info("Resuming from step %d (best val R1 so far %.2f)", start, best_r1)
+    else:
+        state = _fresh_state(setup, tx, state_sh, init_rng)
+        start = 0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+    if start == 0:
+        hp = {k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+        writer.write_hparams(hp)
+    logging.info("Model: %.1fM parameters, compute dtype %s", n_params / 1e6, setup.model.dtype.__name__)
+
+    loss_fn = steps.make_loss_fn(
+        setup.model,
+        {k: config.loss[k] for k in steps.OBJECTIVES},
+        logit_scale=1.0 / config.model.temperature,
+        patch_size=setup.clip_config.patch_size,
+        triplet_margin=config.loss.triplet_margin,
+        norm_pix=config.loss.norm_pix,
+    )
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sh = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        steps.make_train_step(loss_fn, tx, schedule),
+        in_shardings=(state_sh, batch_sh, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=(0,),
+    )
+    enc_img, enc_txt = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
+
+    data = pipeline.make_train_iterator(
+        config.data,
+        setup.tokenizer,
+        global_batch=config.batch_size,
+        seed=config.seed,
+        start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    eval_every = int(round(config.eval.every_epochs * spe)) if config.eval.every_epochs > 0 else 0
+    report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=config.log.every_steps)
+    meta = dict(config_name=config.data.name, total_steps=n_steps)
+
+    def save(step, val_r1=None):
+        ckpt.save(step, state, dict(meta, epoch=step / spe), val_r1=val_r1)
+
+    max_bad = config.checkpoint.max_nonfinite_in_row
+    step = start
+    t_log, n_log = time.time(), 0
+    pending = None  # metrics of the previous step, read after the next one is dispatched (keeps the device busy)
+    with _Preemption() as preempt, jax.set_mesh(mesh):
+        while step < n_steps:
+            batch = sharding.host_batch_to_global(next(data), mesh)
+            state, metrics = train_step(state, batch, step_rng)
+            step += 1
+            n_log += 1
+            if pending is not None:
+                prev_step, prev = pending
+                run = int(prev["nonfinite_run"])
+                if run:
+                    logging.warning(
+                        "Step %d: non-finite loss or gradients, update skipped (%d in a row).", prev_step, run
+                    )
+                if max_bad and run >= max_bad:
+                    ckpt.wait()
+                    raise NonFiniteLossError(
+                        f"{run} non-finite steps in a row (up to step {prev_step}); stopped. The last good checkpoint "
+                        f"is step {ckpt.latest_step()} in {ckpt.directory}. Lower config.optim.lr or check the data."
+                    )
+            pending = (step, metrics)
+            report(step)
+            if step % config.log.every_steps == 0 or step == n_steps:
+                m = jax.device_get(metrics)
+                dt = time.time() - t_log
+                scalars = {f"train/{k}": float(v) for k, v in m.items()}
+                scalars["train/pairs_per_sec"] = n_log * config.batch_size / max(dt, 1e-9)
+                scalars["train/temperature"] = config.model.temperature
+                scalars["train/epoch"] = step / spe
+                writer.write_scalars(step, scalars)
+                t_log, n_log = time.time(), 0
+            val_r1 = None
+            if eval_every and (step % eval_every == 0 or step == n_steps):
+                with report.timed("eval"):
+                    res = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, config.data.val_split)
+                writer.write_scalars(
+                    step,
+                    {
+                        f"eval/{config.data.val_split}/t2i_{_key(k)}": v
+                        for k, v in res.items()
+                        if k in ("R1", "R5", "R10", "mAP", "mINP")
+                    },
+                )
+                val_r1 = res["R1"]
+                if val_r1 > best_r1:
+                    best_r1 = val_r1
+            if val_r1 is not None or step % config.checkpoint.every_steps == 0 or step == n_steps:
+                save(step, val_r1)
+            if preempt.requested or step == stop_after or ckpt.manager.reached_preemption(step):
+                if step % config.checkpoint.every_steps and val_r1 is None and step != n_steps:
+                    save(step)
+                ckpt.wait()
+                logging.warning("Stopped at step %d on request; rerun the same command to resume.", step)
+                writer.flush()
+                return {"stopped_at_step": step}
+    ckpt.wait()
+    if pending is not None and max_bad and int(pending[1]["nonfinite_run"]) >= max_bad:
+        raise NonFiniteLossError(f"The last {int(pending[1]['nonfinite_run'])} steps were non-finite.")
+
+    results = final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step)
+    results["nonfinite_steps"] = int(jax.device_get(state["nonfinite_total"]))
+    writer.flush()
+    ckpt.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step) -> dict:
+    """Test at the last step and at the best-validation checkpoint (the reported figure)."""
+    test = config.data.test_split
+    results: dict[str, Any] = {"dataset": config.data.name, "steps": int(step)}
+    rows = {}
+    with jax.set_mesh(mesh):
+        last = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test)
+        results["test_at_last"] = last
+        rows[f"{test} @ last (step {step})"] = last
+        best = ckpt.best_step()
+        if best is not None:
+            best_params = state["params"] if best == step else ckpt.restore(best, abstract).state["params"]
+            results["best_step"] = int(best)
+            results["val_at_best"] = {"R1": float(ckpt.manager.metrics(best)[ckpt_lib.BEST_METRIC])}
+            res = _eval_split(config, setup, enc_img, enc_txt, best_params, mesh, test)
+            results["test_at_best"] = res
+            rows[f"{test} @ best val (step {best})"] = res
+    table = eval_lib.format_table(rows)
+    results["table"] = table
+    if jax.process_index() == 0:
+        print(f"\nText-to-image retrieval on {config.data.name} ({test}):\n{table}\n", flush=True)
+    return results
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None, which: str = "best") -> dict:
+    """`--mode=eval`: restores a checkpoint (best by validation, latest, or `step`) and evaluates val and test."""
+    workdir = os.path.abspath(workdir)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    validate_config(config, mesh.size)
+    setup = build(config)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    if step is None:
+        step = ckpt.best_step() if which == "best" else None
+        step = step if step is not None else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint under {ckpt.directory}; train first (--mode=train).")
+    abstract, _, _, _ = _sharded_state(config, setup, mesh, jax.random.key(config.seed))
+    params = ckpt.restore(step, abstract).state["params"]
+    enc_img, enc_txt = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
+    rows = {}
+    with jax.set_mesh(mesh):
+        for split in (config.data.val_split, config.data.test_split):
+            rows[f"{split} @ step {step}"] = _eval_split(config, setup, enc_img, enc_txt, params, mesh, split)
+    table = eval_lib.format_table(rows)
+    if jax.process_index() == 0:
+        print("\n" + table + "\n", flush=True)
+        with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
+            json.dump({"step": step, "results": rows}, f, indent=2)
+    ckpt.close()
+    return {"step": step, "results": rows, "table": table}
+
+
+def _key(k: str) -> str:
+    return {"R1": "r1", "R5": "r5", "R10": "r10", "mAP": "map", "mINP": "minp"}[k]
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
