@@ -33,12 +33,8 @@ def main(port: int, process_id: int) -> None:
     # data x fsdp mesh spanning both processes: the weight is split by the 'fsdp' rule.
     mesh2 = sharding.make_mesh({"data": 2, "fsdp": -1})
     w = np.linspace(-1, 1, 6 * 4, dtype=np.float32).reshape(6, 4)
-    w_sharding = sharding.shardings_for(
-        sharding.param_partition_specs({"w": w}, [("w", "fsdp")], mesh2), mesh2
-    )
-    assert w_sharding["w"].spec == jax.sharding.PartitionSpec("fsdp"), (
-        w_sharding
-    )  # 6 > 4, both divisible by 2
+    w_sharding = sharding.shardings_for(sharding.param_partition_specs({"w": w}, [("w", "fsdp")], mesh2), mesh2)
+    assert w_sharding["w"].spec == jax.sharding.PartitionSpec("fsdp"), w_sharding  # 6 > 4, both divisible by 2
     w_global = jax.make_array_from_callback(w.shape, w_sharding["w"], lambda idx: w[idx])
     xb = sharding.host_batch_to_global({"x": full_x[rows]}, mesh2)["x"]
     out = jax.jit(lambda x, w: x @ w, out_shardings=sharding.batch_sharding(mesh2))(xb, w_global)

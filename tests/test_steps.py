@@ -14,9 +14,7 @@ WEIGHTS = dict(sdm=1.0, id=1.0, triplet=10.0, restoration=10.0, itc=0.5, mlm=0.0
 
 
 def _setup(batch=8):
-    cfg = clip_lib.config_from_preset(
-        "tiny", image_size=(32, 16), vocab_size=64, text_len=12, eot_token_id=63
-    )
+    cfg = clip_lib.config_from_preset("tiny", image_size=(32, 16), vocab_size=64, text_len=12, eot_token_id=63)
     model = uit_lib.UIT(clip_config=cfg, num_classes=5, drop_ratio=0.5, decoder_layers=1)
     rng = np.random.default_rng(0)
     text = rng.integers(1, 60, (batch, cfg.text_len)).astype(np.int32)
@@ -105,9 +103,7 @@ def test_weight_zero_skips_objective():
 def test_nonfinite_update_is_skipped_and_counted():
     cfg, model, params, batch_np = _setup()
     tx = optax.sgd(0.1)
-    loss_fn = steps.make_loss_fn(
-        model, dict(sdm=1.0, restoration=1.0), logit_scale=50.0, patch_size=cfg.patch_size
-    )
+    loss_fn = steps.make_loss_fn(model, dict(sdm=1.0, restoration=1.0), logit_scale=50.0, patch_size=cfg.patch_size)
     step = jax.jit(steps.make_train_step(loss_fn, tx))
     state = steps.init_state(params, tx)
     bad = dict(batch_np, images=np.full_like(batch_np["images"], np.nan))
@@ -120,6 +116,5 @@ def test_nonfinite_update_is_skipped_and_counted():
     s3, m3 = step(s2, batch_np, jax.random.key(0))
     assert int(m3["skipped"]) == 0 and int(s3["nonfinite_run"]) == 0 and int(s3["nonfinite_total"]) == 2
     assert any(
-        float(jnp.max(jnp.abs(a - b))) > 0
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(s3["params"]))
+        float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(s3["params"]))
     )

@@ -108,8 +108,14 @@ def test_nonfinite_losses_stop_the_run_with_last_good_checkpoint(data_root, tmp_
     # non-finite and skipped; after 2 in a row the run stops, keeping the last checkpoint (step 1).
     config = tiny_config(
         data_root,
-        **{"optim.lr": 1e30, "checkpoint.max_nonfinite_in_row": 2, "checkpoint.every_steps": 1,
-           "eval.every_epochs": 0.0, "total_steps": 8, "schedule.warmup_epochs": 0},
+        **{
+            "optim.lr": 1e30,
+            "checkpoint.max_nonfinite_in_row": 2,
+            "checkpoint.every_steps": 1,
+            "eval.every_epochs": 0.0,
+            "total_steps": 8,
+            "schedule.warmup_epochs": 0,
+        },
     )
     with pytest.raises(train.NonFiniteLossError, match="non-finite"):
         train.train_and_evaluate(config, str(tmp_path / "nan"))

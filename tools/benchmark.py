@@ -38,22 +38,16 @@ OBJECTIVES = dict(sdm=1.0, id=1.0, triplet=10.0, restoration=10.0, itc=0.0, mlm=
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--preset", default="vit-b16", help="CLIP preset (vit-b16, vit-b32, vit-l14, small, tiny)."
-    )
+    p.add_argument("--preset", default="vit-b16", help="CLIP preset (vit-b16, vit-b32, vit-l14, small, tiny).")
     p.add_argument("--image_size", default="384,128", help="H,W")
     p.add_argument("--text_len", type=int, default=77)
     p.add_argument("--batch", type=int, default=128, help="global batch (pairs)")
     p.add_argument("--num_classes", type=int, default=11003, help="ID-head classes (CUHK-PEDES train ids)")
     p.add_argument("--steps", type=int, default=20, help="timed steps after 2 warm-up steps")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto|float32|bfloat16")
-    p.add_argument(
-        "--objectives", default="full", help="'full' (SDM+ID+triplet+restoration) or 'align' (no TIR)"
-    )
+    p.add_argument("--objectives", default="full", help="'full' (SDM+ID+triplet+restoration) or 'align' (no TIR)")
     p.add_argument("--fsdp", type=int, default=1, help="size of the fsdp mesh axis")
-    p.add_argument(
-        "--peak_tflops", type=float, default=0.0, help="override the device's peak TFLOP/s for MFU"
-    )
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak TFLOP/s for MFU")
     p.add_argument("--out", default="", help="also write the JSON here")
     return p.parse_args(argv)
 

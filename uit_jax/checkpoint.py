@@ -75,9 +75,7 @@ class Checkpointer:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`)."""
         out = self.manager.restore(
             int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
         )
         logging.info("Restored checkpoint %d from %s", step, self.directory)
         return Restored(state=out["state"], step=int(step), meta=dict(out["meta"] or {}))

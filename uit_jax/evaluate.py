@@ -34,9 +34,7 @@ def embed(fn: Callable, params, batches: Iterable[dict], key: str, mesh) -> tupl
     return np.concatenate(zs), np.concatenate(pids)
 
 
-def evaluate(
-    encode_images, encode_texts, params, gallery: Iterable[dict], queries: Iterable[dict], mesh
-) -> dict:
+def evaluate(encode_images, encode_texts, params, gallery: Iterable[dict], queries: Iterable[dict], mesh) -> dict:
     """Returns {'R1','R5','R10','mAP','mINP','num_queries','num_gallery','seconds'} for text-to-image retrieval."""
     t0 = time.time()
     z_img, g_pid = embed(encode_images, params, gallery, "images", mesh)

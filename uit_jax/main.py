@@ -22,15 +22,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cuhk.py[:vit-l14].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results.json go.")
-_MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval."
-)
-_EVAL_STEP = flags.DEFINE_integer(
-    "eval_step", None, "--mode=eval: checkpoint step (default: best by validation R1)."
-)
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (auto-detects the cluster)."
-)
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval.")
+_EVAL_STEP = flags.DEFINE_integer("eval_step", None, "--mode=eval: checkpoint step (default: best by validation R1).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects the cluster).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index for jax.distributed.")
@@ -70,9 +64,7 @@ def main(argv):
     import jax
 
     if _COORD.value or _DISTRIBUTED.value:
-        jax.distributed.initialize(
-            coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value
-        )
+        jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
     logging.info(
         "JAX %s: process %d of %d, %d local / %d global %s devices",
         jax.__version__,

@@ -86,9 +86,7 @@ def _decay_fn(no_decay_rules) -> Callable[[str], bool]:
     try:
         compiled = [re.compile(r) for r in no_decay_rules]
     except (TypeError, re.error) as e:
-        raise ValueError(
-            f"optim: bad no_decay_rules {no_decay_rules!r}: expected a list of regexes ({e})"
-        ) from e
+        raise ValueError(f"optim: bad no_decay_rules {no_decay_rules!r}: expected a list of regexes ({e})") from e
     return lambda path: not any(r.search(path) for r in compiled)
 
 
@@ -153,8 +151,7 @@ def make_schedule(
         raise ValueError(f"optim.make_schedule: steps_per_epoch must be >= 1, got {steps_per_epoch}")
     if not 0 <= warmup_epochs <= epochs or epochs <= 0:
         raise ValueError(
-            f"optim.make_schedule: need 0 <= warmup_epochs ({warmup_epochs}) <= epochs ({epochs}), "
-            "and epochs > 0"
+            f"optim.make_schedule: need 0 <= warmup_epochs ({warmup_epochs}) <= epochs ({epochs}), and epochs > 0"
         )
     if mode not in ("cosine", "linear", "constant"):
         raise ValueError(f"optim.make_schedule: mode must be 'cosine', 'linear' or 'constant', got {mode!r}")

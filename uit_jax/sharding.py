@@ -42,9 +42,7 @@ def make_mesh(
     if len(set(names)) != len(names):
         raise ValueError(f"make_mesh: mesh axis names repeat in {items}")
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ValueError(
-            f"make_mesh: axis sizes must be positive, with at most one -1 ('the rest'); got {items}"
-        )
+        raise ValueError(f"make_mesh: axis sizes must be positive, with at most one -1 ('the rest'); got {items}")
 
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
@@ -91,16 +89,13 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
 
 def _check_spec(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, pattern: str) -> None:
     if len(spec) > len(shape):
-        raise ValueError(
-            f"sharding rule {pattern!r}: spec {spec} has more entries than {name} has dims {shape}"
-        )
+        raise ValueError(f"sharding rule {pattern!r}: spec {spec} has more entries than {name} has dims {shape}")
     for dim, axes in enumerate(spec):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
         for axis in axes:
             if axis not in mesh.shape:
                 raise ValueError(
-                    f"sharding rule {pattern!r}: mesh axis {axis!r} for {name} is not in the mesh "
-                    f"{dict(mesh.shape)}"
+                    f"sharding rule {pattern!r}: mesh axis {axis!r} for {name} is not in the mesh {dict(mesh.shape)}"
                 )
         n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if shape[dim] % n:

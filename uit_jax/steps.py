@@ -48,9 +48,7 @@ def make_loss_fn(
     w = {k: float(weights.get(k, 0.0)) for k in OBJECTIVES}
 
     def loss_fn(params, batch, rng):
-        out = model.apply(
-            {"params": params}, batch["images"], batch["text"], rng=rng, mlm_text=batch.get("mlm_text")
-        )
+        out = model.apply({"params": params}, batch["images"], batch["text"], rng=rng, mlm_text=batch.get("mlm_text"))
         pid = batch["pid"]
         parts = {}
         if w["sdm"]:
@@ -63,9 +61,7 @@ def make_loss_fn(
             parts["triplet"] = losses.triplet(out["z_img"], out["z_txt"], pid, margin=triplet_margin)
         if w["restoration"]:
             target = losses.patchify(batch["images"].astype(jnp.float32), patch_size)
-            parts["restoration"] = losses.restoration(
-                out["pixels_pred"], target, out["patch_mask"], norm_pix=norm_pix
-            )
+            parts["restoration"] = losses.restoration(out["pixels_pred"], target, out["patch_mask"], norm_pix=norm_pix)
         if w["mlm"]:
             parts["mlm"] = losses.mlm(out["mlm_logits"], batch["mlm_labels"])
         total = sum(w[k] * v for k, v in parts.items())

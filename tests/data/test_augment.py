@@ -57,9 +57,7 @@ def test_erasing_box_area_ratio_and_rate():
     assert a.min() > 0.02 * 0.9 and a.max() < 0.4 * 1.1
     r = (bh / np.maximum(bw, 1))[applied]
     assert r.min() > 0.3 * 0.9 and r.max() < 3.3 * 1.1
-    assert (
-        (top[applied] >= 0).all() and (top + bh <= h).all() and (left >= 0).all() and (left + bw <= w).all()
-    )
+    assert (top[applied] >= 0).all() and (top + bh <= h).all() and (left >= 0).all() and (left + bw <= w).all()
     assert (boxes[~applied] == 0).all()
 
 

@@ -47,9 +47,7 @@ def write_folder(root, ann_file, path_key, ids_by_split, images_per_id=2, fmt="j
         for pid in ids:
             for k in range(images_per_id):
                 rel = f"{split}/{pid}_{k}.{fmt}"
-                Image.fromarray(rng.integers(0, 255, (24, 12, 3), dtype=np.uint8)).save(
-                    os.path.join(root, "imgs", rel)
-                )
+                Image.fromarray(rng.integers(0, 255, (24, 12, 3), dtype=np.uint8)).save(os.path.join(root, "imgs", rel))
                 annos.append(
                     {
                         "split": split,
@@ -209,6 +207,4 @@ def test_default_tagger_needs_nltk_data(tmp_path, monkeypatch):
 def test_missing_manual_dir_shows_the_download_instructions(tmp_path):
     b = builders.IcfgPedes(data_dir=str(tmp_path / "tfds"), tagger=TAGGER)
     with pytest.raises(AssertionError, match="ICFG-PEDES.json"):
-        b.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "none"))
-        )
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "none")))

@@ -57,9 +57,7 @@ def test_augmentations_off_give_the_clean_image_and_caption(tiny):
     cfg.flip, cfg.crop_pad, cfg.erasing_prob, cfg.keyword_prob, cfg.mlm_masking = False, 0, 0.0, 0.0, False
     cfg.sampler = "random"
     b = next(pipeline.make_train_iterator(cfg, tok, global_batch=4, seed=1, data=train))
-    order = pipeline.epoch_order(
-        train["pid"], sampler="random", global_batch=4, pairs_per_id=2, seed=1, epoch=0
-    )
+    order = pipeline.epoch_order(train["pid"], sampler="random", global_batch=4, pairs_per_id=2, seed=1, epoch=0)
     i = order[:4]
     np.testing.assert_array_equal(b["text"], tok_lib.tokenize(tok, list(train["caption"][i])))
     import tensorflow as tf
@@ -136,8 +134,7 @@ def test_two_processes_equal_one_and_resume_is_exact(tiny):
     kw = dict(global_batch=8, seed=3, data=train)
     single = _take(pipeline.make_train_iterator(cfg, tok, **kw), 10)  # 80 rows: past the first epoch (<= 72)
     halves = [
-        _take(pipeline.make_train_iterator(cfg, tok, **kw, process_index=p, process_count=2), 10)
-        for p in range(2)
+        _take(pipeline.make_train_iterator(cfg, tok, **kw, process_index=p, process_count=2), 10) for p in range(2)
     ]
     for s in range(10):
         for k in single[s]:
@@ -178,9 +175,7 @@ def test_eval_iterators_cover_everything_once(tiny):
     # two processes: same number of steps, together the single-process batches at twice the size
     big_g, big_q = pipeline.make_eval_iterators(cfg, tok, split="val", batch_size=8, data=val)
     parts = [
-        pipeline.make_eval_iterators(
-            cfg, tok, split="val", batch_size=4, process_index=p, process_count=2, data=val
-        )
+        pipeline.make_eval_iterators(cfg, tok, split="val", batch_size=4, process_index=p, process_count=2, data=val)
         for p in range(2)
     ]
     assert len(parts[0][0]) == len(parts[1][0]) == len(big_g)
@@ -196,16 +191,12 @@ def test_prepare_rejects_a_stale_synthetic_folder(tiny, tmp_path):
     cfg = tiny[0].copy_and_resolve_references()
     cfg.manual_dir, cfg.data_dir = str(tmp_path), str(tmp_path / "tfds")
     root = pipeline.synthetic_dir(cfg)
-    synthetic.generate(
-        root, synthetic.Spec(train_ids=2, val_ids=1, test_ids=1, images_per_id=1, height=32, width=16)
-    )
+    synthetic.generate(root, synthetic.Spec(train_ids=2, val_ids=1, test_ids=1, images_per_id=1, height=32, width=16))
     with pytest.raises(ValueError, match="Delete the folder"):
         pipeline.prepare(cfg)
     # other sizes or seeds live in their own folder under manual_dir
     cfg.synthetic.seed = 5
-    assert (
-        os.path.dirname(pipeline.synthetic_dir(cfg)) == str(tmp_path) and pipeline.synthetic_dir(cfg) != root
-    )
+    assert os.path.dirname(pipeline.synthetic_dir(cfg)) == str(tmp_path) and pipeline.synthetic_dir(cfg) != root
 
 
 _PREPARE = """

@@ -12,9 +12,7 @@ from uit_jax.data import tokenizer as tok_lib
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return tok_lib.load_tokenizer(
-        tok_lib.write_bpe_tokenizer(synthetic.VOCABULARY, tmp_path_factory.mktemp("t"))
-    )
+    return tok_lib.load_tokenizer(tok_lib.write_bpe_tokenizer(synthetic.VOCABULARY, tmp_path_factory.mktemp("t")))
 
 
 def test_split_words_treebank_style():
@@ -100,9 +98,7 @@ def test_masking_rates_over_many_draws():
     ids[1:31] = np.arange(10, 40)  # 30 regular tokens
     content = np.zeros(L, bool)
     content[1:16] = True  # 15 nouns/adjectives, 15 others
-    fn = tf.function(
-        lambda s: text_lib.mask_tokens(tf.constant(ids), tf.constant(content), s, mask_id=mask_id)
-    )
+    fn = tf.function(lambda s: text_lib.mask_tokens(tf.constant(ids), tf.constant(content), s, mask_id=mask_id))
     masked, labels = zip(*[fn(tf.constant([7, i], tf.int64)) for i in range(n)])
     masked, labels = np.stack(masked), np.stack(labels)
     chosen = labels > 0

@@ -99,11 +99,7 @@ def test_text_parity(tiny_hf_clip_dir, torch_clip, native):
     assert max(diffs.values()) < TOL, diffs
     eot = np.argmax(ids == tk.eot_id(tok), axis=1)
     np.testing.assert_array_equal(np.asarray(out["mask"]), np.arange(77)[None] <= eot[:, None])
-    assert (
-        out["embed"].shape == (5, 24)
-        and out["tokens"].shape == (5, 77, 24)
-        and out["hidden"].shape == (5, 77, 40)
-    )
+    assert out["embed"].shape == (5, 24) and out["tokens"].shape == (5, 77, 24) and out["hidden"].shape == (5, 77, 40)
 
 
 def test_image_parity_native(torch_clip, native):

@@ -153,9 +153,7 @@ def test_openai_pt_file(hf, tmp_path):
     config = convert.config_from_hf(hf_config, (32, 32), None)
     params = convert.from_openai_state_dict(loaded, config)
     ref = convert.from_hf_state_dict(sd, config)
-    err = max(
-        jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), params, ref))
-    )
+    err = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), params, ref)))
     assert 0 < err < 1e-2  # fp16 rounding only
 
 
@@ -182,9 +180,7 @@ def test_errors(hf, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="No such"):
         convert.load_state_dict(str(tmp_path / "missing.pt"))
     # Shape mismatch: names the checkpoint key, our param, expected and got shapes.
-    wrong = clip.CLIPConfig(
-        **{**convert.config_dict(convert.config_from_hf(hf_config, (32, 32))), "embed_dim": 32}
-    )
+    wrong = clip.CLIPConfig(**{**convert.config_dict(convert.config_from_hf(hf_config, (32, 32))), "embed_dim": 32})
     with pytest.raises(ValueError, match=r"text_projection.weight.*expected \(40, 32\), got \(40, 24\)"):
         convert.from_hf_state_dict(sd, wrong)
     config = convert.config_from_hf(hf_config, (32, 32))
@@ -209,9 +205,7 @@ def test_modules_import_without_torch_or_tensorflow():
         "import sys; sys.modules['torch'] = None; sys.modules['tensorflow'] = None\n"
         "import uit_jax.models.clip, uit_jax.models.convert\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}
-    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.mark.parametrize("ext", ["msgpack", "npz"])

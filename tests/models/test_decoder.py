@@ -238,9 +238,7 @@ class _ResBlock(tnn.Module):
         self.attn = tnn.MultiheadAttention(d, heads)
         self.ln_1 = _LayerNorm(d)
         self.mlp = tnn.Sequential(
-            OrderedDict(
-                [("c_fc", tnn.Linear(d, 4 * d)), ("gelu", _QuickGELU()), ("c_proj", tnn.Linear(4 * d, d))]
-            )
+            OrderedDict([("c_fc", tnn.Linear(d, 4 * d)), ("gelu", _QuickGELU()), ("c_proj", tnn.Linear(4 * d, d))])
         )
         self.ln_2 = _LayerNorm(d)
 
@@ -338,7 +336,5 @@ def test_parity_with_sen_torch(residual, e_txt, layers):
     with torch.no_grad():
         theirs = ref(_t(img), _t(txt), torch.from_numpy(ids_restore)).numpy()
     err = np.abs(np.asarray(ours) - theirs).max()
-    print(
-        f"parity residual={residual} e_txt={e_txt}: max diff {err:.2e}, max |out| {np.abs(theirs).max():.2f}"
-    )
+    print(f"parity residual={residual} e_txt={e_txt}: max diff {err:.2e}, max |out| {np.abs(theirs).max():.2f}")
     assert err < 1e-4

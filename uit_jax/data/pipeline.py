@@ -40,9 +40,7 @@ class DatasetInfo:
     num_train_ids: int  # classes of the ID head
     num_train_pairs: int  # (image, caption) pairs in train: one epoch
     splits: dict[str, int]  # (image, caption) pairs per split
-    tokenizer_dir: (
-        str | None
-    )  # synthetic: its own small tokenizer; real sets: None (use the CLIP checkpoint's)
+    tokenizer_dir: str | None  # synthetic: its own small tokenizer; real sets: None (use the CLIP checkpoint's)
     num_images: dict[str, int] = dataclasses.field(default_factory=dict)  # images per split (gallery sizes)
 
 
@@ -116,9 +114,7 @@ def prepare(cfg, **builder_kwargs) -> DatasetInfo:
             tok_dir = _ensure_synthetic(cfg) if cfg.name == "synthetic" else None
             manual_dir = synthetic_dir(cfg) if cfg.name == "synthetic" else os.path.expanduser(cfg.manual_dir)
             if not builder.is_prepared():
-                builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-                )
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     builder = get_builder(cfg, **builder_kwargs)  # re-read: another process may have built it
@@ -160,9 +156,7 @@ def load_split(cfg, split: str, *, builder=None, with_images: bool = True) -> di
 
 def _read_split(builder, split: str, with_images: bool) -> dict[str, np.ndarray]:
     if split not in builder.info.splits:
-        raise ValueError(
-            f"split {split!r} not in dataset {builder.name}; it has {sorted(builder.info.splits)}"
-        )
+        raise ValueError(f"split {split!r} not in dataset {builder.name}; it has {sorted(builder.info.splits)}")
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
     if not with_images:
         ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "image"})
@@ -359,9 +353,7 @@ def make_train_iterator(
     def one(pos, image, text, cont, ftext, fcont, pid, image_id):
         s = tf.random.experimental.stateless_split(tf.stack([seed_t, pos]), 3)
         out = {"images": augment.decode_resize(image, size), "text": text, "pid": pid, "image_id": image_id}
-        out.update(
-            augment.draw_params(s[0], size, flip=cfg.flip, pad=cfg.crop_pad, erasing_prob=cfg.erasing_prob)
-        )
+        out.update(augment.draw_params(s[0], size, flip=cfg.flip, pad=cfg.crop_pad, erasing_prob=cfg.erasing_prob))
         use_f = tf.random.stateless_uniform([], s[1]) < cfg.keyword_prob
         text = tf.where(use_f, ftext, text)
         cont = tf.where(use_f, fcont, cont)

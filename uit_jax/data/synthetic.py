@@ -376,11 +376,7 @@ def make_caption(ident: Identity, rng: np.random.Generator) -> str:
         opening = f"this {adj}{who} is wearing {upper}"
         clauses.append(f"{subj} has {hair}")
     clauses.append(
-        str(
-            rng.choice(
-                [f"{subj} is wearing {lower}", f"{subj} also wears {lower}", f"{subj} is dressed in {lower}"]
-            )
-        )
+        str(rng.choice([f"{subj} is wearing {lower}", f"{subj} also wears {lower}", f"{subj} is dressed in {lower}"]))
     )
     clauses.append(str(rng.choice([f"{subj} has {shoes} on {poss} feet", f"{subj} wears {shoes}"])))
     if ident.bag != "none":
@@ -403,11 +399,7 @@ def make_caption(ident: Identity, rng: np.random.Generator) -> str:
     # Annotators leave things out: drop up to two of the later clauses, and shuffle the rest.
     order = rng.permutation(len(clauses))
     n_drop = int(rng.choice([0, 0, 1, 2])) if len(clauses) > 2 else 0
-    kept = (
-        [clauses[i] for i in sorted(order[n_drop:])]
-        if rng.uniform() < 0.5
-        else [clauses[i] for i in order[n_drop:]]
-    )
+    kept = [clauses[i] for i in sorted(order[n_drop:])] if rng.uniform() < 0.5 else [clauses[i] for i in order[n_drop:]]
     sentences = [opening] + kept
     # Join some clauses with 'and' / commas, others as separate sentences.
     out, cur = [], sentences[0]
@@ -495,9 +487,7 @@ def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False) -> list[d
     with open(os.path.join(out_dir, SPEC_FILE), "w") as f:
         json.dump(dataclasses.asdict(spec), f, indent=1)
     if verbose:
-        print(
-            f"wrote {len(annos)} images of {len(idents)} identities to {out_dir} in {time.time() - t0:.1f}s"
-        )
+        print(f"wrote {len(annos)} images of {len(idents)} identities to {out_dir} in {time.time() - t0:.1f}s")
     return annos
 
 

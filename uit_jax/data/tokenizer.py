@@ -163,7 +163,8 @@ def write_bpe_tokenizer(words: Iterable[str], out_dir) -> str:
     """Writes a small CLIP-style BPE tokenizer whose vocabulary covers `words`; returns the folder.
 
     Layout follows OpenAI's vocabulary: the 256 byte symbols, the same with `</w>`, one entry per merge, then
-    `<|mask|>` (the masking augmentation's id), `<|startoftext|>` and `<|endoftext|>` last. Words are normalised and split exactly as the CLIP tokenizer
+    `<|mask|>` (the masking augmentation's id), `<|startoftext|>` and `<|endoftext|>` last. Words are
+    normalised and split exactly as the CLIP tokenizer
     does (lowercase, letters / digits / punctuation runs), so every piece of every word is a single token, and
     any other text still tokenizes into byte pieces. Deterministic for a given set of words.
     """

@@ -73,9 +73,7 @@ class CLIPConfig:
                 raise ValueError(f"CLIPConfig.{name}_width={width} is not divisible by {name}_heads={heads}.")
         h, w = self.image_size
         if h < self.patch_size or w < self.patch_size:
-            raise ValueError(
-                f"CLIPConfig.image_size={self.image_size} is smaller than patch_size={self.patch_size}."
-            )
+            raise ValueError(f"CLIPConfig.image_size={self.image_size} is smaller than patch_size={self.patch_size}.")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -320,9 +318,7 @@ def drop_patches(x, drop_ratio: float, rng):
     ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: the first K are kept
     ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
     kept = jnp.take_along_axis(x, ids_shuffle[:, : n - n_drop, None], axis=1)
-    mask = jnp.take_along_axis(
-        (jnp.arange(n) >= n - n_drop).astype(jnp.float32)[None].repeat(b, 0), ids_restore, 1
-    )
+    mask = jnp.take_along_axis((jnp.arange(n) >= n - n_drop).astype(jnp.float32)[None].repeat(b, 0), ids_restore, 1)
     return kept, mask, ids_restore
 
 
@@ -399,9 +395,7 @@ class CLIP(nn.Module):
         )
         self.text_projection = proj(c.text_width, "text_projection")
         self.visual_projection = proj(c.vision_width, "visual_projection")
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32
-        )
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32)
 
     def encode_text(self, ids):
         """ids (B, L) int -> dict(embed (B, E), tokens (B, L, E), hidden (B, L, D), mask (B, L) bool).
@@ -443,9 +437,7 @@ def init_params(model: CLIP, rng) -> dict:
     return jax.jit(lambda r: model.init(r, images, ids)["params"])(rng)
 
 
-def load(
-    name_or_dir: str, image_size=(384, 128), stride: int | None = None, dtype=jnp.float32
-) -> tuple[CLIP, dict]:
+def load(name_or_dir: str, image_size=(384, 128), stride: int | None = None, dtype=jnp.float32) -> tuple[CLIP, dict]:
     """Builds a CLIP and its parameters from a Hugging Face id / folder or an OpenAI `.pt` state dict.
 
     The vision position embeddings are resized to the grid of `image_size` (H, W) with patch stride `stride`

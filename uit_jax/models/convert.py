@@ -105,9 +105,7 @@ def config_from_openai_state_dict(
     `overrides` replace inferred fields (e.g. heads of a model whose width is not a multiple of 64).
     """
     if "visual.proj" not in sd:
-        raise ValueError(
-            "Not an OpenAI CLIP ViT state dict: 'visual.proj' is missing (ResNet CLIP is not supported)."
-        )
+        raise ValueError("Not an OpenAI CLIP ViT state dict: 'visual.proj' is missing (ResNet CLIP is not supported).")
 
     def layers(prefix):
         return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + ".")})
@@ -383,9 +381,7 @@ def load_state_dict(name_or_dir: str) -> tuple[dict[str, np.ndarray], dict | Non
                 "Face checkpoint pass the folder holding config.json and the weights."
             )
         return sd, None
-    if name_or_dir.endswith((".pt", ".pth", ".bin", ".safetensors", ".msgpack")) or name_or_dir.startswith(
-        (".", "/")
-    ):
+    if name_or_dir.endswith((".pt", ".pth", ".bin", ".safetensors", ".msgpack")) or name_or_dir.startswith((".", "/")):
         raise FileNotFoundError(f"No such checkpoint file or folder: {name_or_dir!r}.")
     return _load_hf_folder(_download_hf(name_or_dir))
 

@@ -176,9 +176,7 @@ class Mlp(nn.Module):
     def __call__(self, x):
         def dense(features, name, std):
             init = nn.initializers.normal(std)
-            return nn.Dense(
-                features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name
-            )
+            return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
 
         y = _activation(self.act)(dense(self.hidden, "fc1", self.fc_std)(x))
         return dense(x.shape[-1], "fc2", self.proj_std)(y)
@@ -237,8 +235,7 @@ class RestorationDecoder(nn.Module):
             raise ValueError(f"RestorationDecoder: img_tokens holds {k} kept patches, more than N={n}")
         if txt_mask.shape != txt_tokens.shape[:2]:
             raise ValueError(
-                f"RestorationDecoder: txt_mask shape {txt_mask.shape} != txt_tokens (B, L) = "
-                f"{txt_tokens.shape[:2]}"
+                f"RestorationDecoder: txt_mask shape {txt_mask.shape} != txt_tokens (B, L) = {txt_tokens.shape[:2]}"
             )
 
         # SEN's init (CLIP's): in-projections width^-0.5, output projections additionally (2 layers)^-0.5.

@@ -56,9 +56,7 @@ class MLMHead(nn.Module):
         fc_std = (2 * self.width) ** -0.5
         q = ln("ln_pre_t")(txt_tokens).astype(self.dtype)
         kv = ln("ln_pre_i")(img_tokens).astype(self.dtype)
-        x = decoder_lib.Attention(self.width, self.heads, attn_std, proj_std, self.dtype, name="cross_attn")(
-            q, kv
-        )
+        x = decoder_lib.Attention(self.width, self.heads, attn_std, proj_std, self.dtype, name="cross_attn")(q, kv)
         for i in range(self.layers):
             x = decoder_lib.Block(
                 self.width,
@@ -71,14 +69,10 @@ class MLMHead(nn.Module):
                 name=f"cross_layers_{i}",
             )(x)
         x = ln("ln_post")(x)
-        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(fc_std), name="dense")(
-            x
-        )
+        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(fc_std), name="dense")(x)
         x = decoder_lib.quick_gelu(x)
         x = ln("ln")(x)
-        x = nn.Dense(
-            self.vocab_size, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std), name="fc"
-        )(x)
+        x = nn.Dense(self.vocab_size, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std), name="fc")(x)
         return x.astype(jnp.float32)
 
 

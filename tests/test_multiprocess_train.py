@@ -1,0 +1,77 @@
+"""Two processes on loopback (jax.distributed, 2 CPU devices each) train like one process with 4 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from tests.test_train import _params, data_root, tiny_config  # noqa: F401  (data_root is a fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(root, workdir, extra=()):
+    c = tiny_config(root)
+    return [
+        sys.executable, "-m", "uit_jax.main", "--config=configs/synthetic.py:tiny", f"--workdir={workdir}",
+        f"--config.data.manual_dir={c.data.manual_dir}", f"--config.data.data_dir={c.data.data_dir}",
+        "--config.data.image_size=(32, 16)", "--config.data.synthetic.train_ids=16",
+        "--config.data.synthetic.val_ids=6", "--config.data.synthetic.test_ids=6",
+        "--config.data.synthetic.images_per_id=2", "--config.data.synthetic.height=32",
+        "--config.data.synthetic.width=16", "--config.batch_size=16", "--config.eval.batch_size=32",
+        "--config.total_steps=2", "--config.eval.every_epochs=0", *extra,
+    ]  # fmt: skip
+
+
+def _env(n_devices):
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu")
+    return env
+
+
+def test_two_processes_match_one(data_root, tmp_path):  # noqa: F811
+    single = tmp_path / "single"
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cmd(data_root, single), cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    ]
+    for pid in range(2):
+        extra = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}")
+        procs.append(
+            subprocess.Popen(
+                _cmd(data_root, multi, extra), cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        outs.append(out.decode(errors="replace"))
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert "process 1 of 2" in outs[2] and "4 global cpu devices" in outs[2]
+    # Only process 0 prints the results table and writes results.json.
+    assert "Text-to-image retrieval" in outs[1] and "Text-to-image retrieval" not in outs[2]
+
+    config = tiny_config(data_root)
+    p_single, s1 = _params(str(single), config)
+    p_multi, s2 = _params(str(multi), config)
+    assert s1 == s2 == 2
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p_single), jax.tree.leaves(p_multi)))
+    assert err < 1e-5, err
+    r_single = json.loads((single / "results.json").read_text())["test_at_last"]
+    r_multi = json.loads((multi / "results.json").read_text())["test_at_last"]
+    for k in ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_gallery"):
+        assert abs(r_single[k] - r_multi[k]) < 1e-3, (k, r_single[k], r_multi[k])
