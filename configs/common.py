@@ -91,7 +91,7 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
     c.data = data_defaults.data_config(dataset)
     c.model = model_config(variant)
     # Hugging Face id or local folder (config.json + model.safetensors), or an OpenAI-format .pt file.
-    # None trains from a random init of `model.preset` (the synthetic default does this).
+    # "" trains from a random init of `model.preset` (the synthetic default does this).
     c.model_init = VARIANTS[variant]["init"]
     c.tokenizer = ""  # tokenizer id/folder; empty: model_init's, or the synthetic set's own.
     c.loss = loss_config()

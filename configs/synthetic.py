@@ -15,7 +15,7 @@ from configs import common
 def get_config(arg=None):
     variant = arg or "full"
     c = common.base_config("synthetic")
-    c.model_init = None  # random init: no hub access needed.
+    c.model_init = ""  # random init of model.preset: no hub access needed.
     c.model.preset = "mini"
     c.model.stride = 16
     c.model.dtype = "float32"

@@ -21,7 +21,7 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     # synthetic.out_dir). Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting to ~/uit_data.
     c.manual_dir = os.path.join(_ROOT, _FOLDERS[name])
     # Where tfds keeps the built dataset; None = tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
-    c.data_dir = None
+    c.data_dir = ml_collections.config_dict.placeholder(str)
     # (height, width) every image is resized to. Real sets: the reference's 384x128.
     c.image_size = (384, 128)
     # Caption length in tokens, start/end-of-text included (CLIP's 77).
