@@ -42,6 +42,9 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # Orbax writes a checkpoint's metrics only when best_fn is set (preservation is the policy above).
+            best_fn=(lambda m: m[BEST_METRIC]) if keep_best else None,
+            best_mode="max",
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,
