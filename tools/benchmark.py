@@ -94,14 +94,7 @@ def main(argv=None):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
 
     loss_fn = steps.make_loss_fn(model, weights, logit_scale=50.0, patch_size=cfg.patch_size)
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        steps.make_train_step(loss_fn, tx, schedule),
-        in_shardings=(state_sh, batch_sh, repl),
-        out_shardings=(state_sh, repl),
-        donate_argnums=(0,),
-    )
+    step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
     np_rng = np.random.default_rng(0)
     batch = {
         "images": np_rng.standard_normal((args.batch, h, w, 3), np.float32),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from uit_jax import losses
+from uit_jax import losses, sharding
 
 State = dict[str, Any]
 
@@ -101,6 +101,18 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         return new_state, metrics
 
     return train_step
+
+
+def jit_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule, state_sharding, mesh):
+    """The train step jitted for `mesh`: state in `state_sharding` (donated), batch split over the data axes,
+    rng and metrics replicated. Shared by the trainer and tools/benchmark.py."""
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        make_train_step(loss_fn, tx, schedule),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), repl),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=(0,),
+    )
 
 
 def make_encode_fns(model):

@@ -319,14 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         triplet_margin=config.loss.triplet_margin,
         norm_pix=config.loss.norm_pix,
     )
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        steps.make_train_step(loss_fn, tx, schedule),
-        in_shardings=(state_sh, batch_sh, repl),
-        out_shardings=(state_sh, repl),
-        donate_argnums=(0,),
-    )
+    train_step = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
     enc_img, enc_txt = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
 
     data = pipeline.make_train_iterator(

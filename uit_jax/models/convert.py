@@ -65,7 +65,9 @@ def resize_pos_embed(pos: np.ndarray, new_grid) -> np.ndarray:
 
 def _same(a, b, what):
     if a != b:
-        raise NotImplementedError(f"Text and vision towers use different {what} ({a} vs {b}); not supported.")
+        raise ValueError(
+            f"Text and vision towers use different {what} ({a} vs {b}); CLIPConfig has one {what} for both towers."
+        )
     return a
 
 
