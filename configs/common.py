@@ -47,6 +47,9 @@ def loss_config() -> ml_collections.ConfigDict:
             itc=0.0,
             mlm=0.0,
             triplet_margin=0.05,
+            # The triplet joins the total from this epoch on (0: from the start, as the paper, which fine-tunes
+            # CLIP). From scratch, hardest-negative mining collapses the embedding unless SDM has shaped it first.
+            triplet_start_epochs=0.0,
             norm_pix=False,
         )
     )
@@ -81,7 +84,7 @@ def optim_config() -> ml_collections.ConfigDict:
 
 
 def schedule_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(epochs=60, warmup_epochs=5, warmup_factor=0.1, end_lr_factor=0.0))
+    return ml_collections.ConfigDict(dict(epochs=60, warmup_epochs=5.0, warmup_factor=0.1, end_lr_factor=0.0))
 
 
 def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.ConfigDict:

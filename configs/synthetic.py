@@ -28,9 +28,20 @@ def get_config(arg=None):
     c.optim.lr = 3e-4
     c.optim.eps = 1e-8
     c.optim.weight_decay = 1e-4
-    c.schedule.epochs = 7
-    c.schedule.warmup_epochs = 1
-    c.eval.every_epochs = 2
+    c.schedule.epochs = 3
+    c.schedule.warmup_epochs = 0.4
+    # From scratch, two changes to the paper's objective (both measured: README, "Synthetic results").
+    # SDM at temperature 0.02 (logit scale 50) sits at chance for hundreds of steps from a random init; 0.1 learns.
+    c.model.temperature = 0.1
+    # The hardest-negative triplet collapses a random embedding (loss stuck at 2 x margin, R1 at chance): it
+    # joins after the first epoch, once SDM has shaped the space.
+    c.loss.triplet_start_epochs = 1.0
+    # A three-epoch run from scratch is far from over-fitting, and the reference's regularisers slow it down:
+    # no random erasing, and no BERT-style masking of captions (SEN's side effect, which hides 30% of the colour
+    # words). Flip and pad+crop stay; the key-word text augmentation (p 0.2) stays, as the method has it.
+    c.data.erasing_prob = 0.0
+    c.data.mlm_masking = False
+    c.eval.every_epochs = 1
     c.eval.batch_size = 256
     c.checkpoint.every_steps = 500
     c.log.every_steps = 25
@@ -43,7 +54,6 @@ def get_config(arg=None):
         c.loss.triplet = 0.0
     elif variant == "no_text_aug":
         c.data.keyword_prob = 0.0
-        c.data.mlm_masking = False
     elif variant == "tiny":
         c.model.preset = "tiny"
         c.model.stride = 8

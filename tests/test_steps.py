@@ -118,3 +118,35 @@ def test_nonfinite_update_is_skipped_and_counted():
     assert any(
         float(jnp.max(jnp.abs(a - b))) > 0 for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(s3["params"]))
     )
+
+
+def test_delayed_objective_joins_the_total_at_its_start_step():
+    cfg, model, params, batch_np = _setup()
+    weights = dict(sdm=1.0, triplet=10.0)
+    kw = dict(logit_scale=50.0, patch_size=cfg.patch_size)
+    model = model.clone(use_restoration=False)
+    params = {k: v for k, v in params.items() if k != "decoder"}
+    fn = steps.make_loss_fn(model, weights, start_steps={"triplet": 3}, **kw)
+    rng = jax.random.key(0)
+    before, parts = fn(params, batch_np, rng, jnp.int32(2))
+    after, parts_after = fn(params, batch_np, rng, jnp.int32(3))
+    assert set(parts) == {"sdm", "triplet"}  # still computed (and logged) before its start
+    np.testing.assert_allclose(float(before), float(parts["sdm"]), rtol=1e-6)
+    np.testing.assert_allclose(float(after), float(parts["sdm"] + 10.0 * parts["triplet"]), rtol=1e-6)
+    assert float(parts["triplet"]) > 0
+    # Without a start step the weight is constant, and the step argument is optional.
+    plain = steps.make_loss_fn(model, weights, **kw)
+    np.testing.assert_allclose(float(plain(params, batch_np, rng)[0]), float(after), rtol=1e-6)
+    with pytest.raises(ValueError, match="starts at step 3"):
+        fn(params, batch_np, rng)
+    with pytest.raises(ValueError, match="Unknown loss weights"):
+        steps.make_loss_fn(model, weights, start_steps={"tripplet": 3}, **kw)
+    # In the train step, the gradient before the start is the SDM gradient alone.
+    tx = optax.sgd(1.0)
+    step = jax.jit(steps.make_train_step(fn, tx))
+    sdm_only = jax.jit(steps.make_train_step(steps.make_loss_fn(model, dict(sdm=1.0), **kw), tx))
+    s_fn, _ = step(steps.init_state(params, tx), batch_np, rng)
+    s_ref, _ = sdm_only(steps.init_state(params, tx), batch_np, rng)
+    leaves = zip(jax.tree.leaves(s_fn["params"]), jax.tree.leaves(s_ref["params"]), jax.tree.leaves(params))
+    for a, b, p0 in leaves:  # the updates agree (a triplet gradient would be of the order of the SDM one)
+        np.testing.assert_allclose(np.asarray(a) - p0, np.asarray(b) - p0, rtol=1e-4, atol=1e-5)

@@ -133,6 +133,7 @@ def test_nonfinite_losses_stop_the_run_with_last_good_checkpoint(data_root, tmp_
         ({"data.image_size": (36, 16)}, "not a multiple of the patch stride"),
         ({"data.name": "market1501"}, "not a known dataset"),
         ({"loss.sdm": -1.0}, "must be >= 0"),
+        ({"loss.triplet_start_epochs": -1.0}, "triplet_start_epochs=-1.0 must be >= 0"),
     ],
 )
 def test_config_errors_fail_before_building(tmp_path, overrides, message):

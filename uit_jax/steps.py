@@ -40,14 +40,28 @@ def make_loss_fn(
     patch_size: int,
     triplet_margin: float = 0.05,
     norm_pix: bool = False,
+    start_steps: Mapping[str, int] | None = None,
 ) -> Callable:
-    """Returns `loss_fn(params, batch, rng) -> (total, parts)`; objectives with weight 0 are not computed."""
-    unknown = set(weights) - set(OBJECTIVES)
+    """Returns `loss_fn(params, batch, rng, step=None) -> (total, parts)`; objectives with weight 0 are not computed.
+
+    `start_steps` maps an objective to the first step whose total includes it (before that it is still computed
+    and logged, with weight 0). From scratch, the hardest-negative triplet collapses the embedding (every distance
+    equal, loss = 2 x margin) unless SDM has shaped it first; the synthetic config starts it after a few epochs.
+    """
+    unknown = (set(weights) | set(start_steps or {})) - set(OBJECTIVES)
     if unknown:
         raise ValueError(f"Unknown loss weights {sorted(unknown)}; known objectives: {OBJECTIVES}.")
     w = {k: float(weights.get(k, 0.0)) for k in OBJECTIVES}
+    starts = {k: int(v) for k, v in (start_steps or {}).items() if int(v) > 0 and w[k]}
 
-    def loss_fn(params, batch, rng):
+    def weight(name, step):
+        if name not in starts:
+            return w[name]
+        if step is None:
+            raise ValueError(f"loss '{name}' starts at step {starts[name]}: call loss_fn(..., step=...).")
+        return jnp.where(step >= starts[name], w[name], 0.0)
+
+    def loss_fn(params, batch, rng, step=None):
         out = model.apply({"params": params}, batch["images"], batch["text"], rng=rng, mlm_text=batch.get("mlm_text"))
         pid = batch["pid"]
         parts = {}
@@ -64,7 +78,7 @@ def make_loss_fn(
             parts["restoration"] = losses.restoration(out["pixels_pred"], target, out["patch_mask"], norm_pix=norm_pix)
         if w["mlm"]:
             parts["mlm"] = losses.mlm(out["mlm_logits"], batch["mlm_labels"])
-        total = sum(w[k] * v for k, v in parts.items())
+        total = sum(weight(k, step) * v for k, v in parts.items())
         return total, parts
 
     return loss_fn
@@ -75,7 +89,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
     def train_step(state: State, batch, rng):
         rng = jax.random.fold_in(rng, state["step"])
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng, state["step"])
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

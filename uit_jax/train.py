@@ -74,6 +74,8 @@ def validate_config(config, num_devices: int) -> None:
     for k, v in config.loss.items():
         if k in steps.OBJECTIVES and v < 0:
             errors.append(f"config.loss.{k}={v} must be >= 0 (0 turns the objective off).")
+    if config.loss.get("triplet_start_epochs", 0.0) < 0:
+        errors.append(f"config.loss.triplet_start_epochs={config.loss.triplet_start_epochs} must be >= 0.")
     if not 0.0 <= config.model.drop_ratio < 1.0:
         errors.append(f"config.model.drop_ratio={config.model.drop_ratio} must be in [0, 1).")
     if errors:
@@ -318,6 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         patch_size=setup.clip_config.patch_size,
         triplet_margin=config.loss.triplet_margin,
         norm_pix=config.loss.norm_pix,
+        start_steps={"triplet": round(config.loss.triplet_start_epochs * steps_per_epoch(config, setup.info))},
     )
     train_step = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
     enc_img, enc_txt = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
@@ -342,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     step = start
     t_log, n_log = time.time(), 0
     pending = None  # metrics of the previous step, read after the next one is dispatched (keeps the device busy)
-    with _Preemption() as preempt, jax.set_mesh(mesh):
+    with _Preemption() as preempt, jax.set_mesh(mesh), data:  # leaving closes the input stream promptly
         while step < n_steps:
             batch = sharding.host_batch_to_global(next(data), mesh)
             state, metrics = train_step(state, batch, step_rng)

@@ -147,6 +147,20 @@ def test_two_processes_equal_one_and_resume_is_exact(tiny):
     assert not np.array_equal(other["images"], single[0]["images"])
 
 
+def test_closing_the_train_stream_ends_it(tiny):
+    cfg, _, tok, train = tiny
+    kw = dict(global_batch=8, seed=3, data=train)
+    want = _take(pipeline.make_train_iterator(cfg, tok, **kw), 3)
+    with pipeline.make_train_iterator(cfg, tok, **kw) as it:
+        got = _take(it, 3)
+    for a, b in zip(want, got):  # the stream is unchanged by being closable
+        np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a["text"], b["text"])
+    with pytest.raises(StopIteration):
+        next(it)
+    it.close()  # idempotent
+
+
 def test_bad_process_and_sampler_arguments(tiny):
     cfg, _, tok, train = tiny
     with pytest.raises(ValueError, match="a round needs 25 identities"):

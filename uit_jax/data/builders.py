@@ -256,7 +256,7 @@ def synthetic_config(spec: synth_lib.Spec) -> tfds.core.BuilderConfig:
     """A builder config named after the generation parameters."""
     name = (
         f"t{spec.train_ids}_v{spec.val_ids}_e{spec.test_ids}_i{spec.images_per_id}"
-        f"_{spec.height}x{spec.width}_s{spec.seed}"
+        f"_{spec.height}x{spec.width}_s{spec.seed}_{spec.scene}"
     )
     return tfds.core.BuilderConfig(name=name, description=f"synthetic set {spec}")
 

@@ -67,6 +67,9 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         s.height = 128  # native render size
         s.width = 64
         s.seed = 0  # generation seed (everything in the set is a function of it)
+        # 'crop': detector-style crops (person centred, low-saturation street, mild lighting), learnable from
+        # scratch in minutes; 'street': the person anywhere in a colourful street, much harder.
+        s.scene = "crop"
         # Parent folder of the generated set (a reference to manual_dir): it is written, on first use, to
         # manual_dir/<sizes and seed> (pipeline.synthetic_dir), so sets of different sizes coexist.
         s.out_dir = c.get_ref("manual_dir")

@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -57,6 +58,7 @@ def _spec(cfg) -> synth_lib.Spec:
         height=s.height,
         width=s.width,
         seed=s.seed,
+        scene=s.scene,
     )
 
 
@@ -296,7 +298,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     data: dict | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> TrainIterator:
     """This process's share of each global training batch, from step `start_step` on (endless).
 
     Yields images float32 (b, H, W, 3) normalised; text int32 (b, L); pid int32 (b,) in 0..N-1;
@@ -323,6 +325,8 @@ def make_train_iterator(
     mask_id = text_lib.mask_token_id(tokenizer)
     L = cfg.text_len
 
+    stop = threading.Event()
+
     def rows():
         for pos, idx in stream_rows(
             pids,
@@ -334,6 +338,8 @@ def make_train_iterator(
             process_index=process_index,
             process_count=process_count,
         ):
+            if stop.is_set():
+                return
             for p, i in zip(pos.tolist(), idx.tolist()):
                 yield p, images[image_ids[i]], ids[i], content[i], fids[i], fcontent[i], pids[i], image_ids[i]
 
@@ -379,7 +385,41 @@ def make_train_iterator(
     ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True)
     ds = ds.map(pixels, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return TrainIterator(ds.as_numpy_iterator(), stop)
+
+
+class TrainIterator:
+    """The endless training stream; `close()` (or leaving a `with` block) stops it promptly.
+
+    Dropping a running tf.data iterator that reads a Python generator blocks for up to a minute in TensorFlow's
+    destructor (it waits on the generator's thread). `close()` ends the generator at its next round, drains what
+    is already in flight, and only then releases the iterator.
+    """
+
+    def __init__(self, it, stop: threading.Event):
+        self._it, self._stop = it, stop
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        if self._it is None:
+            return
+        self._stop.set()
+        for _ in self._it:  # the in-flight rounds; then the generator's end reaches us
+            pass
+        self._it = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

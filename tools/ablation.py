@@ -1,0 +1,108 @@
+"""The synthetic ablation: each variant of configs/synthetic.py trained with several seeds; a table of mean and spread.
+
+    python tools/ablation.py --root runs/ablation [--variants full,no_restoration,no_triplet,no_text_aug]
+        [--seeds 0,1,2] [--extra --config.data.data_dir=DIR ...]
+
+Each run is the README's main command, `python -m uit_jax.main --config=configs/synthetic.py:VARIANT
+--workdir=ROOT/VARIANT_sSEED --config.seed=SEED` (the seed sets the initialisation, data order and augmentations;
+the synthetic set itself is the same). A finished run (results.json present) is not run again, so an interrupted
+ablation resumes. The table (test split, at the best-validation checkpoint; mean +- sample standard deviation over
+seeds, then min-max) is printed and written to ROOT/ablation.md, the raw figures to ROOT/ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def run_one(root: str, variant: str, seed: int, extra: list[str]) -> dict:
+    workdir = os.path.join(root, f"{variant}_s{seed}")
+    results_path = os.path.join(workdir, "results.json")
+    if not os.path.exists(results_path):
+        cmd = [
+            sys.executable,
+            "-m",
+            "uit_jax.main",
+            f"--config=configs/synthetic.py:{variant}",
+            f"--workdir={workdir}",
+            f"--config.seed={seed}",
+            *extra,
+        ]
+        print("$", " ".join(cmd), flush=True)
+        os.makedirs(workdir, exist_ok=True)
+        t0 = time.time()
+        with open(os.path.join(workdir, "log.txt"), "w") as log:
+            rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        if rc:
+            raise SystemExit(f"{variant} seed {seed} failed (exit {rc}); see {workdir}/log.txt")
+        with open(os.path.join(workdir, "wall_seconds.txt"), "w") as f:
+            f.write(f"{time.time() - t0:.1f}\n")
+    with open(results_path) as f:
+        res = json.load(f)
+    wall = os.path.join(workdir, "wall_seconds.txt")
+    res["wall_seconds"] = float(open(wall).read()) if os.path.exists(wall) else None
+    return res
+
+
+def summarize(results: dict[str, list[dict]]) -> str:
+    """Markdown: one row per variant, mean +- std (and min-max) of each test metric at the best-val checkpoint."""
+    lines = [
+        "| variant | seeds | " + " | ".join(METRICS) + " | R1 min-max | minutes/run |",
+        "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- | --- |",
+    ]
+    for variant, runs in results.items():
+        cells = []
+        for m in METRICS:
+            vals = [r["test_at_best"][m] for r in runs]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
+        r1 = [r["test_at_best"]["R1"] for r in runs]
+        walls = [r["wall_seconds"] for r in runs if r.get("wall_seconds")]
+        minutes = f"{statistics.median(walls) / 60:.1f}" if walls else "-"
+        lines.append(
+            f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {min(r1):.2f}-{max(r1):.2f} | {minutes} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", required=True, help="folder for the runs and the table")
+    p.add_argument("--variants", default="full,no_restoration,no_triplet,no_text_aug")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for every run (last)")
+    a = p.parse_args(argv)
+    root = os.path.abspath(a.root)
+    variants = [v for v in a.variants.split(",") if v]
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for seed in seeds:  # seed-major: a partial ablation already compares every variant
+        for v in variants:
+            results[v].append(run_one(root, v, seed, a.extra))
+            print(summarize({k: r for k, r in results.items() if r}), flush=True)
+    table = summarize(results)
+    with open(os.path.join(root, "ablation.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump(
+            {
+                v: [{k: r[k] for k in ("test_at_best", "best_step", "wall_seconds")} for r in runs]
+                for v, runs in results.items()
+            },
+            f,
+            indent=1,
+        )
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
