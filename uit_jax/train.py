@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -345,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     step = start
     t_log, n_log = time.time(), 0
     pending = None  # metrics of the previous step, read after the next one is dispatched (keeps the device busy)
-    with _Preemption() as preempt, jax.set_mesh(mesh), data:  # leaving closes the input stream promptly
+    with _Preemption() as preempt, jax.set_mesh(mesh), contextlib.closing(data):  # stops the input stream promptly
         while step < n_steps:
             batch = sharding.host_batch_to_global(next(data), mesh)
             state, metrics = train_step(state, batch, step_rng)
