@@ -49,7 +49,10 @@ def run_one(root: str, variant: str, seed: int, extra: list[str]) -> dict:
     with open(results_path) as f:
         res = json.load(f)
     wall = os.path.join(workdir, "wall_seconds.txt")
-    res["wall_seconds"] = float(open(wall).read()) if os.path.exists(wall) else None
+    res["wall_seconds"] = None
+    if os.path.exists(wall):
+        with open(wall) as f:
+            res["wall_seconds"] = float(f.read())
     return res
 
 
@@ -95,7 +98,7 @@ def main(argv=None):
     with open(os.path.join(root, "ablation.json"), "w") as f:
         json.dump(
             {
-                v: [{k: r[k] for k in ("test_at_best", "best_step", "wall_seconds")} for r in runs]
+                v: [{k: r.get(k) for k in ("test_at_best", "best_step", "wall_seconds")} for r in runs]
                 for v, runs in results.items()
             },
             f,

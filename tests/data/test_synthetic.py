@@ -88,21 +88,25 @@ def test_captions_carry_the_colours():
         assert (cos > 0.98).mean() > 0.01 or ident.upper_color in ("black", "gray", "white")
 
 
-def test_identities_differ_more_between_than_within():
-    """A nearest-neighbour check on raw pixels: views of one person are closer than other people."""
-    ids = [synthetic.sample_identity(np.random.default_rng([0, i])) for i in range(20)]
+def _pixel_nn_r1(scene: str, n_ids: int = 30) -> float:
+    """Raw-pixel nearest-neighbour identification over 3 views each of n_ids people."""
     feats, labels = [], []
-    for i, ident in enumerate(ids):
+    for i in range(n_ids):
+        ident = synthetic.sample_identity(np.random.default_rng([0, i]))
         rng = np.random.default_rng([1, i])
         for _ in range(3):
-            img = synthetic.render_image(ident, rng, 32, 16).astype(float)
-            feats.append((img / (img.mean() + 1e-6)).ravel())  # undo the lighting's brightness
+            img = synthetic.render_image(ident, rng, 32, 16, scene).astype(float)
+            feats.append((img / (img.mean() + 1e-6)).ravel())
             labels.append(i)
     f, labels = np.array(feats), np.array(labels)
     d = ((f[:, None] - f[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
-    r1 = (labels[d.argmin(1)] == labels).mean()
-    assert r1 > 1 / 20 * 3  # well above chance: pixels identify people
+    return float((labels[d.argmin(1)] == labels).mean())
+
+
+def test_identities_differ_more_between_than_within():
+    """A nearest-neighbour check on raw pixels: views of one person are closer than other people."""
+    assert _pixel_nn_r1("crop", n_ids=20) > 1 / 20 * 3  # well above chance: pixels identify people
 
 
 def test_cli_writes_the_folder(tmp_path):
@@ -129,22 +133,6 @@ def test_cli_writes_the_folder(tmp_path):
     with open(tmp_path / "reid_raw.json") as f:
         assert len(json.load(f)) == 4
     assert synthetic.read_spec(str(tmp_path)).scene == "street"
-
-
-def _pixel_nn_r1(scene: str, n_ids: int = 30) -> float:
-    """Raw-pixel nearest-neighbour identification over 3 views each of n_ids people."""
-    feats, labels = [], []
-    for i in range(n_ids):
-        ident = synthetic.sample_identity(np.random.default_rng([0, i]))
-        rng = np.random.default_rng([1, i])
-        for _ in range(3):
-            img = synthetic.render_image(ident, rng, 32, 16, scene).astype(float)
-            feats.append((img / (img.mean() + 1e-6)).ravel())
-            labels.append(i)
-    f, labels = np.array(feats), np.array(labels)
-    d = ((f[:, None] - f[None]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    return float((labels[d.argmin(1)] == labels).mean())
 
 
 def test_crop_scene_is_easier_than_street():
