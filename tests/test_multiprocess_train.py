@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 
+from tests import numerics
 from tests.test_train import _params, data_root, tiny_config  # noqa: F401  (data_root is a fixture)
+from uit_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,9 +73,22 @@ def test_two_processes_match_one(data_root, tmp_path):  # noqa: F811
     p_single, s1 = _params(str(single), config)
     p_multi, s2 = _params(str(multi), config)
     assert s1 == s2 == 2
-    err = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p_single), jax.tree.leaves(p_multi)))
-    assert err < 1e-5, err
+    # Scale: the largest parameter move of the run. Was an absolute 1e-5; the gradients are summed in another
+    # order (2 x 2 devices, gloo all-reduce), and Adam (eps 1e-3) turns a gradient error dg into at most
+    # lr * dg / eps of update; the sums are those of the train step (tests/test_steps.py), so the same 2 * gamma_256
+    # of the move bounds the difference.
+    setup = train.build(config)
+    p_start = train.init_params(setup, jax.random.split(jax.random.key(config.seed))[0])
+    # Two Adam steps of ~1e-3 on parameters of ~1: measured 1.2e-7 absolute (one ulp of the parameter, 1e-4 of
+    # the move), which the bound's per-step ulp term covers.
+    rel, moved = numerics.assert_updates_close(p_single, p_multi, p_start, numerics.reduction_rtol(256), steps=2)
+    print(f"two processes vs one: {rel:.3g} of the move {moved:.3g}")
     r_single = json.loads((single / "results.json").read_text())["test_at_last"]
     r_multi = json.loads((multi / "results.json").read_text())["test_at_last"]
-    for k in ("R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_gallery"):
-        assert abs(r_single[k] - r_multi[k]) < 1e-3, (k, r_single[k], r_multi[k])
+    for k in ("num_queries", "num_gallery"):  # every query and gallery image gathered from both processes
+        assert r_single[k] == r_multi[k], (k, r_single[k], r_multi[k])
+    # Rankings from parameters equal to rounding: identical unless two similarities tie to within rounding, when
+    # one query's rank may flip; each metric is a mean over queries, so one flip moves it by at most 100 / queries.
+    one_query = 100.0 / r_single["num_queries"]
+    for k in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert abs(r_single[k] - r_multi[k]) <= one_query + 1e-9, (k, r_single[k], r_multi[k])

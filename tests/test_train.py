@@ -96,6 +96,8 @@ def test_sigterm_then_resume_equals_uninterrupted(data_root, tmp_path, monkeypat
     p_straight, s1 = _params(str(straight), config)
     p_resumed, s2 = _params(str(interrupted), config)
     assert s1 == s2 == 4
+    # Same machine, same mesh, same compiled step replayed from the restored state: no reduction order differs,
+    # so the only slack is for a recompiled program fusing differently (~1 ulp of parameters of size ~1).
     for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     r1 = json.loads((straight / "results.json").read_text())["test_at_last"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn as tnn
 
+from tests import numerics
 from uit_jax.models.decoder import RestorationDecoder, sincos_pos_embed_2d
 
 # Tiny config shared by the tests: 3 x 2 patch grid, 2 x 2 patches.
@@ -335,6 +336,7 @@ def test_parity_with_sen_torch(residual, e_txt, layers):
     ref = _sen_from_ours(params, layers, residual, e_txt)
     with torch.no_grad():
         theirs = ref(_t(img), _t(txt), torch.from_numpy(ids_restore)).numpy()
-    err = np.abs(np.asarray(ours) - theirs).max()
-    print(f"parity residual={residual} e_txt={e_txt}: max diff {err:.2e}, max |out| {np.abs(theirs).max():.2f}")
-    assert err < 1e-4
+    err = np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max()
+    print(f"parity residual={residual} e_txt={e_txt}: max diff {err:.2e} of max |out| {np.abs(theirs).max():.2f}")
+    # Relative to the output's scale (was an absolute 1e-4; measured 1.07e-6 absolute): sums of < 256 terms.
+    assert err < numerics.reduction_rtol(256)
