@@ -391,3 +391,67 @@ def load_state_dict(name_or_dir: str) -> tuple[dict[str, np.ndarray], dict | Non
 def config_dict(config: CLIPConfig) -> dict:
     """JSON-ready dict of a CLIPConfig (inverse: `CLIPConfig(**d)`)."""
     return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- params -> Hugging Face folder
+
+
+def to_hf_state_dict(params: dict) -> dict[str, np.ndarray]:
+    """Our CLIP params -> a Hugging Face `CLIPModel` state dict (numpy); the inverse of `from_hf_state_dict`."""
+    sd = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        *mods, name = (k.key for k in path)
+        value = np.asarray(leaf, np.float32)
+        if name == "scale" or name == "embedding":
+            name = "weight"
+        elif name == "kernel":
+            name = "weight"
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        key = ".".join([*mods, name])
+        sd[re.sub(r"\blayers_(\d+)\b", r"layers.\1", key)] = value.copy(order="C")  # keeps 0-d arrays 0-d
+    return sd
+
+
+def hf_config_dict(config: CLIPConfig, *, bos_token_id: int, pad_token_id: int = 0) -> dict:
+    """A transformers `CLIPConfig` dict for `config`, at its own (square) image size.
+
+    transformers' vision tower is square and has no stride: only configs with H == W and stride == patch size
+    can be written (fine-tuning at another size resizes the position embeddings on load, as for OpenAI's CLIP).
+    """
+    h, w = config.image_size
+    if h != w or config.stride != config.patch_size:
+        raise ValueError(
+            f"A Hugging Face CLIP checkpoint is square with non-overlapping patches; this config has image_size "
+            f"{config.image_size} and stride {config.stride} (patch {config.patch_size}). Save at a square size."
+        )
+    if config.eot_token_id is None:
+        raise ValueError("Set CLIPConfig.eot_token_id: the checkpoint must say where text is pooled.")
+    common = dict(hidden_act=config.act, layer_norm_eps=config.layer_norm_eps)
+    return dict(
+        model_type="clip",
+        architectures=["CLIPModel"],
+        projection_dim=config.embed_dim,
+        logit_scale_init_value=2.6592,
+        text_config=dict(
+            vocab_size=config.vocab_size, hidden_size=config.text_width, intermediate_size=config.text_mlp,
+            num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+            max_position_embeddings=config.text_len, bos_token_id=bos_token_id, eos_token_id=config.eot_token_id,
+            pad_token_id=pad_token_id, projection_dim=config.embed_dim, **common,
+        ),
+        vision_config=dict(
+            hidden_size=config.vision_width, intermediate_size=config.vision_mlp,
+            num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads, image_size=h,
+            patch_size=config.patch_size, num_channels=3, projection_dim=config.embed_dim, **common,
+        ),
+    )  # fmt: skip
+
+
+def save_hf_folder(out_dir: str, params: dict, config: CLIPConfig, *, bos_token_id: int, pad_token_id: int = 0):
+    """Writes `config.json` + `model.safetensors` that `load_state_dict` and transformers' `CLIPModel` read."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    hf_config = hf_config_dict(config, bos_token_id=bos_token_id, pad_token_id=pad_token_id)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(to_hf_state_dict(params), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
