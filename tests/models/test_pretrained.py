@@ -1,0 +1,109 @@
+"""The project's pre-trained mini CLIP: written by tools/pretrain_clip.py in Hugging Face format, read by
+`clip.load` and by transformers' `CLIPModel.from_pretrained` with the same embeddings; the shipped copy loads."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests import numerics
+from tools import pretrain_clip
+from uit_jax.data import synthetic as synth
+from uit_jax.data import tokenizer as tk
+from uit_jax.models import clip, convert
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "uit_jax", "assets")
+SHIPPED = os.path.join(SHIPPED, "clip-mini-synthetic")
+
+
+def _embed_both(folder, size, captions):
+    """(ours, transformers') unit-norm image and text embeddings of the folder's model at its square size."""
+    model, params = clip.load(folder, image_size=(size, size))
+    tok = tk.load_tokenizer(folder)
+    ids = tk.tokenize(tok, captions, model.config.text_len)
+    images = np.random.default_rng(0).standard_normal((3, size, size, 3)).astype(np.float32)
+    z_img = np.asarray(model.apply({"params": params}, images, method=model.encode_image)["embed"])
+    z_txt = np.asarray(model.apply({"params": params}, ids, method=model.encode_text)["embed"])
+    hf = transformers.CLIPModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        r_img = hf.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+        r_txt = hf.get_text_features(input_ids=torch.from_numpy(ids).long())
+    r_img = getattr(r_img, "pooler_output", r_img).numpy()
+    r_txt = getattr(r_txt, "pooler_output", r_txt).numpy()
+    return (z_img, z_txt), (r_img, r_txt)
+
+
+def _assert_parity(ours, theirs):
+    for a, b in zip(ours, theirs):
+        # float32, different libraries: 2 * gamma_256 of the output's scale (tests/numerics.py)
+        assert np.abs(a - b).max() <= numerics.reduction_rtol(256) * np.abs(b).max(), np.abs(a - b).max()
+
+
+def test_hf_state_dict_round_trip_is_exact():
+    config = clip.config_from_preset("tiny", eot_token_id=98)
+    params = jax.device_get(clip.init_params(clip.CLIP(config), jax.random.key(0)))
+    back = convert.from_hf_state_dict(convert.to_hf_state_dict(params), config)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    with pytest.raises(ValueError, match="square"):
+        convert.hf_config_dict(clip.config_from_preset("tiny", image_size=(32, 16), eot_token_id=98), bos_token_id=0)
+    with pytest.raises(ValueError, match="eot_token_id"):
+        convert.hf_config_dict(clip.config_from_preset("tiny"), bos_token_id=0)
+
+
+def test_generic_captions_and_square_views():
+    ident = synth.sample_identity(np.random.default_rng([1, 0]))
+    rng = np.random.default_rng(0)
+    caps = [pretrain_clip.generic_caption(ident, rng) for _ in range(20)]
+    assert all(c.startswith(f"a {ident.gender},") for c in caps) and len(set(caps)) > 5
+    vocab = set(synth.VOCABULARY)
+    assert all(w in vocab for c in caps for w in synth.caption_words(c)), "the tokenizer only knows VOCABULARY"
+    assert any(ident.upper_color in c for c in caps)
+    view = pretrain_clip.square_view(ident, rng, 64)
+    assert view.shape == (64, 64, 3) and view.dtype == np.uint8
+
+
+def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
+    out = str(tmp_path / "clip")
+    record = pretrain_clip.main(
+        ["--out", out, "--preset", "tiny", "--size", "32", "--text_len", "24", "--ids", "6", "--views", "2",
+         "--steps", "3", "--warmup", "1", "--batch", "8", "--log_every", "1"]
+    )  # fmt: skip
+    assert [r["step"] for r in record["curve"]] == [1, 2, 3] and np.isfinite(record["curve"][-1]["loss"])
+    assert {"config.json", "model.safetensors", "pretrain.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert json.load(open(os.path.join(out, "pretrain.json")))["args"]["corpus_seed"] == 1
+    ours, theirs = _embed_both(out, 32, ["a man, a red coat", "a woman, long black hair"])
+    _assert_parity(ours, theirs)
+    # Fine-tuning size: the position embeddings are resized from the square grid, as for OpenAI's CLIP.
+    model, _ = clip.load(out, image_size=(64, 32))
+    assert model.config.grid == (8, 4) and model.config.text_len == 24
+
+
+def test_shipped_model_loads_in_both_libraries():
+    assert os.path.isfile(os.path.join(SHIPPED, "model.safetensors")), f"missing shipped weights in {SHIPPED}"
+    record = json.load(open(os.path.join(SHIPPED, "pretrain.json")))
+    size = record["args"]["size"]
+    ours, theirs = _embed_both(SHIPPED, size, ["a woman, a red coat, black boots", "a man, short gray hair"])
+    _assert_parity(ours, theirs)
+    model, _ = clip.load(SHIPPED, image_size=(128, 64))  # the synthetic default's size
+    assert model.config.grid == (8, 4)
+    tok = tk.load_tokenizer(SHIPPED)
+    assert tk.eot_id(tok) == model.config.eot_token_id and len(tok) == model.config.vocab_size
+
+
+def test_synthetic_default_fine_tunes_the_shipped_model_with_the_paper_recipe():
+    from configs import common, cuhk, synthetic
+
+    c, paper = synthetic.get_config(), cuhk.get_config()
+    assert os.path.samefile(c.model_init, SHIPPED)
+    assert c.model.temperature == paper.model.temperature == 0.02
+    assert c.loss.to_dict() == paper.loss.to_dict()  # SDM, ID, triplet from step 0, restoration x10
+    assert c.optim.lr_rules == common.LR_RULES and c.optim.weight_decay == paper.optim.weight_decay
+    assert (c.data.erasing_prob, c.data.mlm_masking, c.data.keyword_prob) == (0.5, True, 0.2)
+    assert c.model.drop_ratio == 0.7 and c.model.decoder_layers == 4
+    scratch = synthetic.get_config("scratch")
+    assert scratch.model_init == "" and scratch.model.preset == "mini" and scratch.model.temperature == 0.1
