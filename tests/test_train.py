@@ -66,6 +66,8 @@ def test_end_to_end_writes_results(data_root, tmp_path):
     assert res["test_at_best"] == saved["test_at_best"]
     assert "R1" in saved["table"]
     assert saved["nonfinite_steps"] == 0
+    curve = [json.loads(line) for line in (wd / "val_curve.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in curve] == [(4, 1.0)] and 0.0 <= curve[0]["R1"] <= 100.0
     events = [f for f in os.listdir(wd) if f.startswith("events.out.tfevents")]
     assert events, "no TensorBoard summaries written"
 

@@ -389,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                     },
                 )
                 val_r1 = res["R1"]
+                _append_val_curve(workdir, step, step / spe, res)
                 if val_r1 > best_r1:
                     best_r1 = val_r1
             if val_r1 is not None or step % config.checkpoint.every_steps == 0 or step == n_steps:
@@ -412,6 +413,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def _append_val_curve(workdir: str, step: int, epoch: float, res: dict) -> None:
+    """One line per validation in workdir/val_curve.jsonl (kept across resumes; tools/curves.py reads it)."""
+    if jax.process_index() != 0:
+        return
+    row = dict(
+        step=step, epoch=round(epoch, 3), **{k: round(float(res[k]), 2) for k in ("R1", "R5", "R10", "mAP", "mINP")}
+    )
+    with open(os.path.join(workdir, "val_curve.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step) -> dict:
