@@ -53,17 +53,15 @@ def caption_attributes(caption: str) -> dict[str, str]:
                 continue  # 'over her shoulder' / other uses without a colour
             out[slot] = value
             prev = words[i - 1]
-            if prev in synth.PATTERNS:
+            if prev in synth.PATTERNS:  # a colour alone says nothing sure about the pattern (30% omit it)
                 out["pattern"], prev = prev, words[i - 2]
-            elif slot == "upper":
-                pass  # a plain colour before the garment says nothing sure about the pattern (30% omit it)
             if prev in synth.COLORS:
                 out[_COLOR_SLOT[slot]] = prev
     return out
 
 
 def oracle_metrics(annos: list[dict], identities: dict[int, synth.Identity], draws: int = 5) -> dict[str, float]:
-    gallery = [a for a in annos]
+    gallery = annos  # one gallery image per annotation entry, as the dataset's test split
     g_pid = np.array([a["id"] for a in gallery])
     g_attr = [identities[p] for p in g_pid]
     queries = [(c, a["id"]) for a in annos for c in a["captions"]]
