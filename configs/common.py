@@ -107,7 +107,7 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
         dict(
             every_epochs=1.0,  # validation every N epochs (fractions allowed); <= 0 disables periodic eval.
             batch_size=512,
-            # Splits: config.data.val_split selects the model (DESIGN.md: never the test set);
+            # Splits: config.data.val_split selects the model (docs/design.md: never the test set);
             # config.data.test_split is reported at the best-validation checkpoint and at the last step.
         )
     )

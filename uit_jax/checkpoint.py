@@ -2,7 +2,7 @@
 
 The manager keeps two kinds of checkpoint under `workdir/checkpoints`: the latest one (for resuming) and the best one
 by validation R1 (for the final test). Orbax's `max_to_keep` together with `best_fn` can delete the latest
-checkpoint (DESIGN.md), so preservation is `AnyPreservationPolicy([LatestN(1), BestN(1)])`.
+checkpoint (docs/design.md), so preservation is `AnyPreservationPolicy([LatestN(1), BestN(1)])`.
 
 Each checkpoint has two items: `state` (the sharded pytree, restored into an abstract state that carries shapes,
 dtypes and shardings, so every process reads only its shards) and `meta` (JSON: step, epoch, the validation

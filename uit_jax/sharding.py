@@ -2,7 +2,7 @@
 
 The shape of big_vision's sharding: a mesh with a `data` axis (and optionally `fsdp`), parameters replicated
 unless a rule says otherwise, the `fsdp` rule shards the largest divisible dimension, and each process feeds
-its own slice of the global batch. Two traps of our pinned jax (see DESIGN.md): meshes are built with Auto
+its own slice of the global batch. Two traps of our pinned jax (see docs/design.md): meshes are built with Auto
 axis types (Explicit breaks Linen under a batch-sharded jit), and `np.asarray` on an array that spans
 processes fails, so host copies go through `gather_to_host`.
 """
