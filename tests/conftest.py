@@ -26,7 +26,7 @@ def tiny_hf_clip_dir(tmp_path_factory) -> str:
 
     Sizes are odd on purpose (text 40 wide / 5 heads, vision 48 / 4 heads, 32x32 images, patch 8, embed 24),
     so a wrong transpose cannot pass. Text pools at the first end-of-text token (eos_token_id is its real id).
-    Load with `uit_jax.models.clip.load(path, image_size=...)` and
+    Load with `uit_jax.models.convert.load(path, image_size=...)` and
     `uit_jax.data.tokenizer.load_tokenizer(path)`.
     """
     import torch

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from uit_jax import losses
+from uit_jax.models import layers, uit
 
 
 def _feats(seed, b=8, d=16):
@@ -169,17 +170,21 @@ def test_patchify_matches_sen_layout_and_inverts():
     nhwc = imgs.transpose(0, 2, 3, 1)
     got = np.asarray(losses.patchify(nhwc, 4))
     np.testing.assert_array_equal(got, ref)
-    np.testing.assert_array_equal(np.asarray(losses.unpatchify(got, 4, (2, 3))), nhwc)
+    back = got.reshape(2, 2, 3, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(nhwc.shape)  # the inverse, by hand
+    np.testing.assert_array_equal(back, nhwc)
     with pytest.raises(ValueError, match="multiple of patch"):
         losses.patchify(nhwc, 5)
 
 
-def test_to_grayscale():
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
-    got = np.asarray(losses.to_grayscale(x))
-    g = 0.2989 * x[..., 0] + 0.5870 * x[..., 1] + 0.1140 * x[..., 2]
-    np.testing.assert_allclose(got, np.stack([g, g, g], -1), rtol=1e-6, atol=1e-6)
+def test_grayscale_normalized():
+    """The restoration branch's input: grey pixels (torchvision's luma weights), CLIP-normalised again."""
+    mean, std = np.array(layers.CLIP_MEAN), np.array(layers.CLIP_STD)
+    rgb = np.random.default_rng(7).uniform(size=(2, 4, 5, 3))
+    got = np.asarray(uit.grayscale_normalized(jnp.asarray((rgb - mean) / std, jnp.float32)))
+    g = 0.2989 * rgb[..., 0] + 0.5870 * rgb[..., 1] + 0.1140 * rgb[..., 2]
+    ref = (g[..., None] - mean) / std
+    # float32 inputs of magnitude <= 1/std ~ 3.8, a handful of operations: a few ulps of that scale.
+    np.testing.assert_allclose(got, ref, atol=16 * np.finfo(np.float32).eps * 4)
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])

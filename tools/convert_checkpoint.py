@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uit_jax.models import clip, convert  # noqa: E402
+from uit_jax.models import convert  # noqa: E402
 
 
 def _flatten(tree, prefix=()):
@@ -51,7 +51,7 @@ def convert_checkpoint(src: str, out: str, image_size=(384, 128), stride: int | 
     """
     if not out.endswith((".msgpack", ".npz")):
         raise ValueError(f"Output {out!r} must end with .msgpack or .npz.")
-    model, params = clip.load(src, image_size=tuple(image_size), stride=stride)
+    model, params = convert.load(src, image_size=tuple(image_size), stride=stride)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".msgpack"):
         from flax import serialization

@@ -9,7 +9,7 @@ it does for OpenAI's weights), and its captions are generic alt-text-style lists
 ("a woman, long brown hair, a red coat, black boots") instead of the annotator-style sentences of the dataset.
 
 The result is written as a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer files), which
-`uit_jax.models.clip.load` and transformers' `CLIPModel.from_pretrained` both read, plus `pretrain.json`
+`uit_jax.models.convert.load` and transformers' `CLIPModel.from_pretrained` both read, plus `pretrain.json`
 (command, seed, corpus, curve) and, with --eval_data_root, the zero-shot figures on the synthetic test split.
 
     python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic \
@@ -43,22 +43,31 @@ from uit_jax.models import convert  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- the corpus
 def generic_caption(ident: synth.Identity, rng: np.random.Generator) -> str:
-    """An alt-text-style caption: the subject, then a random subset of the attributes in random order."""
+    """An alt-text-style caption: the subject, then a random subset of the attributes in random order.
+
+    Words are drawn from the same synonym lists as the dataset's annotators use ("a lady", "a jumper"): web
+    alt-text, on which CLIP is trained, uses all of them, and a word the pre-training never saw starts fine-tuning
+    from a random embedding.
+    """
     plural = synth._PLURAL
+    syn = lambda k: str(rng.choice(synth._NOUN_SYN[k]))
     parts = [
         f"{ident.hair} {ident.hair_color} hair",
-        f"{ident.upper_color} {ident.pattern if ident.pattern != 'plain' else ''} {ident.upper}".replace("  ", " "),
-        f"{ident.lower_color} {ident.lower}",
-        f"{ident.shoe_color} {ident.shoes}",
+        f"{ident.upper_color} {ident.pattern if ident.pattern != 'plain' else ''} {syn(ident.upper)}".replace(
+            "  ", " "
+        ),
+        f"{ident.lower_color} {syn(ident.lower)}",
+        f"{ident.shoe_color} {syn(ident.shoes)}",
     ]
     if ident.bag != "none":
-        parts.append(f"{ident.bag_color} {ident.bag}")
+        parts.append(f"{ident.bag_color} {syn(ident.bag)}")
     if ident.headwear != "none":
-        parts.append(f"{ident.head_color} {ident.headwear}")
+        parts.append(f"{ident.head_color} {syn(ident.headwear)}")
     keep = [p for p in parts if rng.uniform() < 0.7] or [parts[int(rng.integers(len(parts)))]]
     keep = [keep[i] for i in rng.permutation(len(keep))]
     keep = [p if p.split()[-1] in plural or p.endswith("hair") else f"{synth._article(p)} {p}" for p in keep]
-    return f"a {ident.gender}, " + ", ".join(keep)
+    who = syn(ident.gender)
+    return f"{synth._article(who)} {who}, " + ", ".join(keep)
 
 
 def square_view(ident: synth.Identity, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -120,7 +129,7 @@ def zero_shot(model_dir: str, data_root: str, split: str = "test", image_size=(1
     """R1/R5/R10/mAP/mINP of the saved model on `split` of a synthetic set folder (CUHK-PEDES layout)."""
     with open(os.path.join(data_root, "reid_raw.json")) as f:
         annos = [a for a in json.load(f) if a["split"] == split]
-    model, params = clip_lib.load(model_dir, image_size=image_size)
+    model, params = convert.load(model_dir, image_size=image_size)
     tokenizer = tok_lib.load_tokenizer(model_dir)
     images = np.stack(
         [np.asarray(Image.open(os.path.join(data_root, "imgs", a["file_path"])).convert("RGB")) for a in annos]
@@ -145,7 +154,12 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (Hugging Face CLIP layout)")
     p.add_argument("--preset", default="mini", help="CLIP size (uit_jax.models.clip.PRESETS)")
-    p.add_argument("--size", type=int, default=64, help="square pre-training image size")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=128,
+        help="square pre-training image size (128: the person at its fine-tuning scale)",
+    )
     p.add_argument("--text_len", type=int, default=56, help="text positions (the synthetic default's data.text_len)")
     p.add_argument("--ids", type=int, default=6000, help="identities in the corpus")
     p.add_argument("--views", type=int, default=2, help="images per identity")
@@ -180,7 +194,8 @@ def main(argv=None) -> dict:
     print(f"corpus: {len(images)} images of {a.ids} identities, {a.size}x{a.size}, in {time.time() - t0:.0f}s")
 
     model = clip_lib.CLIP(config)
-    params = clip_lib.init_params(model, jax.random.key(a.seed))
+    dummy = (jnp.zeros((1, a.size, a.size, 3)), jnp.zeros((1, a.text_len), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(a.seed), *dummy)["params"]
     params = dict(params, logit_scale=jnp.asarray(np.log(1 / 0.07), jnp.float32))
     sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, a.steps, end_value=a.lr * 0.01)
     decay_mask = jax.tree_util.tree_map_with_path(
@@ -208,7 +223,9 @@ def main(argv=None) -> dict:
     record = dict(
         command="python tools/pretrain_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         args=vars(a),
-        corpus=dict(images=len(images), identities=a.ids, scene="street on a square canvas", captions="generic"),
+        corpus=dict(
+            images=len(images), identities=a.ids, scene="street on a square canvas", captions="generic, with synonyms"
+        ),
         minutes=round((time.time() - t0) / 60, 1),
         curve=curve,
     )

@@ -21,9 +21,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Luma weights SEN uses to turn an RGB image into the grey input of the restoration branch (ITU-R BT.601).
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
-
 
 def _f32(x):
     return jnp.asarray(x, jnp.float32)
@@ -125,28 +122,6 @@ def patchify(images, patch: int):
     x = images.reshape(b, gh, patch, gw, patch, c)
     x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, gh, gw, p, q, C)
     return x.reshape(b, gh * gw, patch * patch * c)
-
-
-def unpatchify(patches, patch: int, grid: tuple[int, int], channels: int = 3):
-    """Inverse of :func:`patchify`: (B, gh*gw, p*p*C) -> (B, gh*p, gw*p, C)."""
-    gh, gw = grid
-    b = patches.shape[0]
-    x = patches.reshape(b, gh, gw, patch, patch, channels)
-    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
-    return x.reshape(b, gh * patch, gw * patch, channels)
-
-
-def to_grayscale(images):
-    """(..., 3) RGB -> (..., 3) weighted grey (0.2989 R + 0.5870 G + 0.1140 B) repeated to three channels.
-
-    SEN applies this to the mean/std-normalised image tensor (the encoder input), so the weights act on
-    normalised values; pass whatever the encoder would otherwise see.
-    """
-    images = _f32(images)
-    if images.shape[-1] != 3:
-        raise ValueError(f"losses.to_grayscale: expects channels-last RGB (..., 3), got shape {images.shape}")
-    gray = images @ jnp.asarray(GRAY_WEIGHTS, jnp.float32)
-    return jnp.repeat(gray[..., None], 3, axis=-1)
 
 
 def restoration(pred, target, mask, norm_pix: bool = False):

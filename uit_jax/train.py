@@ -27,6 +27,7 @@ from uit_jax import optim, sharding, steps
 from uit_jax.data import pipeline
 from uit_jax.data import tokenizer as tok_lib
 from uit_jax.models import clip as clip_lib
+from uit_jax.models import convert
 from uit_jax.models import uit as uit_lib
 
 KNOWN_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
@@ -102,7 +103,7 @@ def build(config, *, num_classes: int | None = None) -> Setup:
     dtype = compute_dtype(config.model.dtype)
     image_size = tuple(config.data.image_size)
     if config.model_init:
-        clip_model, clip_params = clip_lib.load(
+        clip_model, clip_params = convert.load(
             config.model_init, image_size=image_size, stride=config.model.stride or None, dtype=dtype
         )
         clip_cfg = clip_model.config

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import transformers
 
 from tests import numerics
+from tests.models import random_clip_params
 from uit_jax.data import tokenizer as tk
-from uit_jax.models import clip
+from uit_jax.models import clip, convert
 
 # float32 against torch, max abs difference relative to the largest |value| of the reference: the towers' longest
 # sums (77-token attention, 80-wide MLPs, chained over 2 layers) stay under n = 256 terms, so 2 * gamma_256 = 6.1e-5.
@@ -25,7 +26,7 @@ def torch_clip(tiny_hf_clip_dir):
 
 @pytest.fixture(scope="module")
 def native(tiny_hf_clip_dir):
-    return clip.load(tiny_hf_clip_dir, image_size=(32, 32))
+    return convert.load(tiny_hf_clip_dir, image_size=(32, 32))
 
 
 def _encode(model, method, **kw):
@@ -131,7 +132,7 @@ def test_image_parity_native(torch_clip, native):
 
 @pytest.mark.parametrize("size,stride,grid", [((48, 24), None, (6, 3)), ((40, 24), 6, (6, 3))])
 def test_image_parity_non_square_and_stride(tiny_hf_clip_dir, torch_clip, size, stride, grid):
-    model, params = clip.load(tiny_hf_clip_dir, image_size=size, stride=stride)
+    model, params = convert.load(tiny_hf_clip_dir, image_size=size, stride=stride)
     assert model.config.grid == grid
     images = _images((2, *size, 3), seed=1)
     out = _encode(model, "encode_image")(params, images)
@@ -147,7 +148,7 @@ def test_image_parity_non_square_and_stride(tiny_hf_clip_dir, torch_clip, size, 
 
 
 def test_patch_dropping(tiny_hf_clip_dir, torch_clip):
-    model, params = clip.load(tiny_hf_clip_dir, image_size=(48, 24))  # N = 18 patches
+    model, params = convert.load(tiny_hf_clip_dir, image_size=(48, 24))  # N = 18 patches
     images = _images((3, 48, 24, 3), seed=2)
     enc = _encode(model, "encode_image", drop_ratio=0.3)
     out = enc(params, images, rng=jax.random.key(0))
@@ -194,9 +195,9 @@ def test_bf16_close_to_float32(native, tiny_hf_clip_dir):
         assert err < 3e-2, (method, err)
 
 
-def test_init_params(native):
+def test_random_init_matches_loaded_shapes(native):
     model, loaded = native
-    fresh = clip.init_params(model, jax.random.key(0))
+    fresh = random_clip_params(model, jax.random.key(0))
     shapes = lambda t: jax.tree_util.tree_map(lambda a: a.shape, t)
     assert shapes(fresh) == shapes(loaded)
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(fresh))
@@ -204,10 +205,10 @@ def test_init_params(native):
     assert 0.015 < float(jnp.std(emb)) < 0.025  # normal(0.02), as OpenAI initialises token embeddings
     # The from-scratch preset builds for 384x128 inputs.
     small = clip.CLIP(clip.config_from_preset("small", vocab_size=500))
-    abstract = jax.eval_shape(lambda: clip.init_params(small, jax.random.key(0)))
+    abstract = jax.eval_shape(lambda: random_clip_params(small, jax.random.key(0)))
     pos = abstract["vision_model"]["embeddings"]["position_embedding"]["embedding"]
     assert pos.shape == (1 + 24 * 8, 256)
-    tiny = jax.eval_shape(lambda: clip.init_params(clip.CLIP(clip.PRESETS["tiny"]), jax.random.key(1)))
+    tiny = jax.eval_shape(lambda: random_clip_params(clip.CLIP(clip.PRESETS["tiny"]), jax.random.key(1)))
     assert tiny["text_model"]["encoder"]["layers_1"]["mlp"]["fc1"]["kernel"].shape == (40, 72)
 
 

@@ -159,7 +159,7 @@ def test_openai_pt_file(hf, tmp_path):
 
 def test_flax_msgpack_and_pytorch_bin_folders(tiny_hf_clip_dir, hf, tmp_path):
     sd, _ = hf
-    _, ref = clip.load(tiny_hf_clip_dir, image_size=(48, 24))
+    _, ref = convert.load(tiny_hf_clip_dir, image_size=(48, 24))
     flax_dir, bin_dir = tmp_path / "flax", tmp_path / "bin"
     for d in (flax_dir, bin_dir):
         d.mkdir()
@@ -167,7 +167,7 @@ def test_flax_msgpack_and_pytorch_bin_folders(tiny_hf_clip_dir, hf, tmp_path):
     (flax_dir / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(_to_hf_flax(sd)))
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, bin_dir / "pytorch_model.bin")
     for d in (flax_dir, bin_dir):
-        model, params = clip.load(str(d), image_size=(48, 24))
+        model, params = convert.load(str(d), image_size=(48, 24))
         assert model.config.grid == (6, 3)
         _assert_trees_equal(params, ref)
 
@@ -212,7 +212,7 @@ def test_modules_import_without_torch_or_tensorflow():
 def test_convert_checkpoint_cli(tiny_hf_clip_dir, tmp_path, ext):
     out = str(tmp_path / f"clip.{ext}")
     assert convert_checkpoint.main([tiny_hf_clip_dir, out, "--image-size", "48", "24"]) == 0
-    _, ref = clip.load(tiny_hf_clip_dir, image_size=(48, 24))
+    _, ref = convert.load(tiny_hf_clip_dir, image_size=(48, 24))
     with open(out + ".config.json") as f:
         config = clip.CLIPConfig(**json.load(f))
     assert config.image_size == (48, 24) and config.grid == (6, 3)
@@ -242,6 +242,6 @@ def test_hub_id_resolves_from_a_prefilled_cache(tiny_hf_clip_dir, tmp_path, monk
     (tmp_path / "models--tiny-org--tiny-clip" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    _, params = clip.load("tiny-org/tiny-clip", image_size=(32, 32))
-    _, ref = clip.load(tiny_hf_clip_dir, image_size=(32, 32))
+    _, params = convert.load("tiny-org/tiny-clip", image_size=(32, 32))
+    _, ref = convert.load(tiny_hf_clip_dir, image_size=(32, 32))
     _assert_trees_equal(params, ref)

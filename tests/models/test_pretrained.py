@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from tests import numerics
+from tests.models import random_clip_params
 from tools import pretrain_clip
 from uit_jax.data import synthetic as synth
 from uit_jax.data import tokenizer as tk
@@ -22,7 +23,7 @@ SHIPPED = os.path.join(SHIPPED, "clip-mini-synthetic")
 
 def _embed_both(folder, size, captions):
     """(ours, transformers') unit-norm image and text embeddings of the folder's model at its square size."""
-    model, params = clip.load(folder, image_size=(size, size))
+    model, params = convert.load(folder, image_size=(size, size))
     tok = tk.load_tokenizer(folder)
     ids = tk.tokenize(tok, captions, model.config.text_len)
     images = np.random.default_rng(0).standard_normal((3, size, size, 3)).astype(np.float32)
@@ -45,7 +46,7 @@ def _assert_parity(ours, theirs):
 
 def test_hf_state_dict_round_trip_is_exact():
     config = clip.config_from_preset("tiny", eot_token_id=98)
-    params = jax.device_get(clip.init_params(clip.CLIP(config), jax.random.key(0)))
+    params = jax.device_get(random_clip_params(clip.CLIP(config), jax.random.key(0)))
     back = convert.from_hf_state_dict(convert.to_hf_state_dict(params), config)
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)
@@ -58,8 +59,11 @@ def test_hf_state_dict_round_trip_is_exact():
 def test_generic_captions_and_square_views():
     ident = synth.sample_identity(np.random.default_rng([1, 0]))
     rng = np.random.default_rng(0)
-    caps = [pretrain_clip.generic_caption(ident, rng) for _ in range(20)]
-    assert all(c.startswith(f"a {ident.gender},") for c in caps) and len(set(caps)) > 5
+    caps = [pretrain_clip.generic_caption(ident, rng) for _ in range(40)]
+    subjects = {c.split(",")[0].split()[-1] for c in caps}
+    # the subject and garments in the annotators' words too (synonyms), so no dataset word is unseen
+    assert subjects == set(synth._NOUN_SYN[ident.gender]) and len(set(caps)) > 20
+    assert all(c.startswith(("a ", "an ")) for c in caps)
     vocab = set(synth.VOCABULARY)
     assert all(w in vocab for c in caps for w in synth.caption_words(c)), "the tokenizer only knows VOCABULARY"
     assert any(ident.upper_color in c for c in caps)
@@ -79,7 +83,7 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     ours, theirs = _embed_both(out, 32, ["a man, a red coat", "a woman, long black hair"])
     _assert_parity(ours, theirs)
     # Fine-tuning size: the position embeddings are resized from the square grid, as for OpenAI's CLIP.
-    model, _ = clip.load(out, image_size=(64, 32))
+    model, _ = convert.load(out, image_size=(64, 32))
     assert model.config.grid == (8, 4) and model.config.text_len == 24
 
 
@@ -89,7 +93,7 @@ def test_shipped_model_loads_in_both_libraries():
     size = record["args"]["size"]
     ours, theirs = _embed_both(SHIPPED, size, ["a woman, a red coat, black boots", "a man, short gray hair"])
     _assert_parity(ours, theirs)
-    model, _ = clip.load(SHIPPED, image_size=(128, 64))  # the synthetic default's size
+    model, _ = convert.load(SHIPPED, image_size=(128, 64))  # the synthetic default's size
     assert model.config.grid == (8, 4)
     tok = tk.load_tokenizer(SHIPPED)
     assert tk.eot_id(tok) == model.config.eot_token_id and len(tok) == model.config.vocab_size

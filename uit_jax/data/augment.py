@@ -21,8 +21,9 @@ import math
 
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from uit_jax.models import layers
+
+CLIP_MEAN, CLIP_STD = layers.CLIP_MEAN, layers.CLIP_STD
 ERASE_SCALE = (0.02, 0.4)
 ERASE_RATIO = (0.3, 3.3)
 

@@ -1,9 +1,10 @@
-"""CLIP dual encoder in Flax Linen: text and vision transformers, projections, patch dropping, `load`.
+"""CLIP dual encoder in Flax Linen: text and vision transformers, projections, patch dropping (modules only).
 
 Submodule names mirror the Hugging Face `CLIPModel` key paths (`text_model/encoder/layers_3/self_attn/q_proj`
 is `text_model.encoder.layers.3.self_attn.q_proj`), so `convert.py` is a rename plus transposes.
 
 Shapes: B batch, L text length, N = gh * gw image patches, K kept patches, D tower width, E embed_dim.
+Weights are loaded (Hugging Face / OpenAI checkpoints, position-embedding resize) by `convert.load`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from uit_jax.models import layers
+
 Dtype = Any
-
-
-def quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-_ACTS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +59,8 @@ class CLIPConfig:
             object.__setattr__(self, "text_mlp", 4 * self.text_width)
         if self.vision_mlp is None:
             object.__setattr__(self, "vision_mlp", 4 * self.vision_width)
-        if self.act not in _ACTS:
-            raise ValueError(f"CLIPConfig.act must be one of {sorted(_ACTS)}, got {self.act!r}.")
+        if self.act not in layers.ACTIVATIONS:
+            raise ValueError(f"CLIPConfig.act must be one of {sorted(layers.ACTIVATIONS)}, got {self.act!r}.")
         for width, heads, name in [
             (self.text_width, self.text_heads, "text"),
             (self.vision_width, self.vision_heads, "vision"),
@@ -136,80 +132,6 @@ def config_from_preset(name: str, **overrides) -> CLIPConfig:
     return dataclasses.replace(base, **overrides)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 whatever the compute dtype; the result is cast back to `dtype`."""
-
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype).astype(jnp.float32)
-        x = x.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(self.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (the HF layout)."""
-
-    width: int
-    heads: int
-    causal: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        b, n, _ = x.shape
-        dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        split = lambda t: t.reshape(b, n, self.heads, self.width // self.heads)  # (B, N, heads, head_dim)
-        q, k, v = (split(dense(f"{c}_proj")(x)) for c in "qkv")
-        # Default scale is head_dim ** -0.5, as in CLIP.
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-        return dense("out_proj")(y.reshape(b, n, self.width))
-
-
-class MLP(nn.Module):
-    width: int
-    hidden: int
-    act: str
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-        x = _ACTS[self.act](x)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
-
-
-class EncoderLayer(nn.Module):
-    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
-    width: int
-    heads: int
-    mlp: int
-    act: str
-    eps: float
-    causal: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(self.eps, name="layer_norm1", **kw)(x)
-        x = x + Attention(self.width, self.heads, self.causal, name="self_attn", **kw)(h)
-        h = LayerNorm(self.eps, name="layer_norm2", **kw)(x)
-        return x + MLP(self.width, self.mlp, self.act, name="mlp", **kw)(h)
-
-
 class Encoder(nn.Module):
     width: int
     layers: int
@@ -224,7 +146,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.layers):
-            x = EncoderLayer(
+            x = layers.Block(
                 self.width,
                 self.heads,
                 self.mlp,
@@ -344,7 +266,7 @@ class TextModel(nn.Module):
             name="encoder",
             **kw,
         )(x)
-        return LayerNorm(c.layer_norm_eps, name="final_layer_norm", **kw)(x)
+        return layers.LayerNorm(c.layer_norm_eps, name="final_layer_norm", **kw)(x)
 
 
 class VisionModel(nn.Module):
@@ -356,7 +278,7 @@ class VisionModel(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = VisionEmbeddings(c, **kw)
-        self.pre_layrnorm = LayerNorm(c.layer_norm_eps, **kw)  # (sic) HF's spelling
+        self.pre_layrnorm = layers.LayerNorm(c.layer_norm_eps, **kw)  # (sic) HF's spelling
         self.encoder = Encoder(
             c.vision_width,
             c.vision_layers,
@@ -367,7 +289,7 @@ class VisionModel(nn.Module):
             False,
             **kw,
         )
-        self.post_layernorm = LayerNorm(c.layer_norm_eps, **kw)
+        self.post_layernorm = layers.LayerNorm(c.layer_norm_eps, **kw)
 
     def __call__(self, images, drop_ratio: float = 0.0, rng=None):
         """Returns (hidden (B, 1+K, D) before post-LN, mask, ids_restore)."""
@@ -427,29 +349,3 @@ class CLIP(nn.Module):
 
     def __call__(self, images, ids, **kw):
         return self.encode_image(images, **kw), self.encode_text(ids)
-
-
-def init_params(model: CLIP, rng) -> dict:
-    """Random parameters for `model` (from-scratch training), built without running a forward pass."""
-    c = model.config
-    images = jnp.zeros((1, *c.image_size, 3), jnp.float32)
-    ids = jnp.zeros((1, c.text_len), jnp.int32)
-    return jax.jit(lambda r: model.init(r, images, ids)["params"])(rng)
-
-
-def load(name_or_dir: str, image_size=(384, 128), stride: int | None = None, dtype=jnp.float32) -> tuple[CLIP, dict]:
-    """Builds a CLIP and its parameters from a Hugging Face id / folder or an OpenAI `.pt` state dict.
-
-    The vision position embeddings are resized to the grid of `image_size` (H, W) with patch stride `stride`
-    (default: the patch size). Parameters are float32 numpy arrays (`dtype` is the compute dtype).
-    """
-    from uit_jax.models import convert  # noqa: PLC0415  (convert imports this module)
-
-    sd, hf_config = convert.load_state_dict(name_or_dir)
-    if hf_config is not None:
-        config = convert.config_from_hf(hf_config, image_size, stride)
-        params = convert.from_hf_state_dict(sd, config)
-    else:
-        config = convert.config_from_openai_state_dict(sd, image_size, stride)
-        params = convert.from_openai_state_dict(sd, config)
-    return CLIP(config, dtype=dtype), params

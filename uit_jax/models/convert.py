@@ -1,4 +1,4 @@
-"""CLIP weights from Hugging Face / OpenAI state dicts (numpy) to our Linen params; position-embedding resize.
+"""Loading CLIP: Hugging Face / OpenAI state dicts (numpy) to our Linen params, position-embedding resize, `load`.
 
 Everything here works on numpy arrays; torch is imported only to read `.bin` / `.pt` files, TensorFlow never.
 An OpenAI state dict is first renamed to Hugging Face keys, so one function (`from_hf_state_dict`) builds
@@ -71,7 +71,7 @@ def _same(a, b, what):
     return a
 
 
-def config_from_hf(hf_config_dict: dict, image_size=(384, 128), stride: int | None = None) -> CLIPConfig:
+def config_from_hf(hf_config_dict: dict, image_size, stride: int | None = None) -> CLIPConfig:
     """CLIPConfig from a Hugging Face CLIP `config.json` dict (missing fields take transformers' defaults)."""
     t, v = hf_config_dict.get("text_config") or {}, hf_config_dict.get("vision_config") or {}
     t_width, v_width = t.get("hidden_size", 512), v.get("hidden_size", 768)
@@ -99,9 +99,7 @@ def config_from_hf(hf_config_dict: dict, image_size=(384, 128), stride: int | No
     )
 
 
-def config_from_openai_state_dict(
-    sd: dict, image_size=(384, 128), stride: int | None = None, **overrides
-) -> CLIPConfig:
+def config_from_openai_state_dict(sd: dict, image_size, stride: int | None = None, **overrides) -> CLIPConfig:
     """CLIPConfig inferred from an OpenAI ViT state dict, as OpenAI's `build_model` does (heads = width / 64).
 
     `overrides` replace inferred fields (e.g. heads of a model whose width is not a multiple of 64).
@@ -455,3 +453,20 @@ def save_hf_folder(out_dir: str, params: dict, config: CLIPConfig, *, bos_token_
     save_file(to_hf_state_dict(params), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- loading
+def load(name_or_dir: str, image_size, stride: int | None = None, dtype=jnp.float32) -> tuple[CLIP, dict]:
+    """Builds a CLIP and its parameters from a Hugging Face id / folder or an OpenAI `.pt` state dict.
+
+    The vision position embeddings are resized to the patch grid of `image_size` (H, W) with patch stride
+    `stride` (default: the patch size). Parameters are float32 numpy arrays (`dtype` is the compute dtype).
+    """
+    sd, hf_config = load_state_dict(name_or_dir)
+    if hf_config is not None:
+        config = config_from_hf(hf_config, image_size, stride)
+        params = from_hf_state_dict(sd, config)
+    else:
+        config = config_from_openai_state_dict(sd, image_size, stride)
+        params = from_openai_state_dict(sd, config)
+    return CLIP(config, dtype=dtype), params

@@ -17,20 +17,17 @@ Parameter names: ``ln_img``/``ln_txt`` (SEN ``norm_1``/``norm_2``), ``embed`` (`
 ``mask_token``, ``ln_q`` (``norm_4``), ``cross_attn`` (``cross_attn_Text``), ``ln_cross`` (``norm_6``),
 ``cross_layers_{i}`` (``cross_modal_transformer_mae.resblocks.{i}``), ``ln_post`` (``norm_7``), ``pred``
 (``decoder_pred``). SEN's x5 learning rate hits every name containing ``cross``; ours keep that property.
-Blocks use HF CLIP's sub-names (``layer_norm1``, ``self_attn/{q,k,v,out}_proj``, ``layer_norm2``,
-``mlp/fc1``, ``mlp/fc2``) like ``models/clip.py``.
+Blocks are `layers.Block`, with HF CLIP's sub-names (``layer_norm1``, ``self_attn/{q,k,v,out}_proj``,
+``layer_norm2``, ``mlp/fc1``, ``mlp/fc2``) like the CLIP towers.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-# torch.nn.LayerNorm's default; SEN's LayerNorms (and CLIP's) use it, Flax's default is 1e-6.
-LN_EPS = 1e-5
+from uit_jax.models import layers
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> np.ndarray:
@@ -59,127 +56,6 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True)
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return emb.astype(np.float32)
-
-
-def quick_gelu(x):
-    """CLIP's activation, x * sigmoid(1.702 x)."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS: dict[str, Callable] = {
-    "quick_gelu": quick_gelu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-}
-
-
-def _activation(name: str) -> Callable:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"RestorationDecoder.act={name!r} is not one of {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
-
-
-def _layer_norm(x, name: str, param_dtype, out_dtype):
-    # LayerNorm statistics in float32 whatever the compute dtype (as CLIP's fp16-safe LayerNorm does).
-    norm = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=param_dtype, name=name)
-    return norm(x.astype(jnp.float32)).astype(out_dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with separate q/k/v/out projections (torch MultiheadAttention's maths)."""
-
-    width: int
-    heads: int
-    in_std: float
-    out_std: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, q_in, kv_in, kv_mask=None):
-        """q_in (B, T, Dq), kv_in (B, S, Dkv), kv_mask (B, S) bool True = attend -> (B, T, width)."""
-        if self.width % self.heads:
-            raise ValueError(f"Attention: width={self.width} is not divisible by heads={self.heads}")
-        head_dim = self.width // self.heads
-
-        def dense(name, std):
-            return nn.Dense(
-                self.width,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(std),
-                name=name,
-            )
-
-        def split(x):  # (B, T, W) -> (B, T, heads, head_dim)
-            return x.reshape(*x.shape[:-1], self.heads, head_dim)
-
-        q = split(dense("q_proj", self.in_std)(q_in))
-        k = split(dense("k_proj", self.in_std)(kv_in))
-        v = split(dense("v_proj", self.in_std)(kv_in))
-        mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, T, heads, head_dim)
-        out = out.reshape(*out.shape[:-2], self.width)
-        return dense("out_proj", self.out_std)(out)
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block (CLIP's ResidualAttentionBlock): x + attn(LN x), then x + mlp(LN x)."""
-
-    width: int
-    heads: int
-    mlp_ratio: float
-    attn_std: float
-    proj_std: float
-    fc_std: float
-    act: str = "quick_gelu"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        y = _layer_norm(x, "layer_norm1", self.param_dtype, self.dtype)
-        attn = Attention(
-            self.width,
-            self.heads,
-            self.attn_std,
-            self.proj_std,
-            self.dtype,
-            self.param_dtype,
-            name="self_attn",
-        )
-        x = x + attn(y, y)
-        y = _layer_norm(x, "layer_norm2", self.param_dtype, self.dtype)
-        y = Mlp(
-            int(self.width * self.mlp_ratio),
-            self.fc_std,
-            self.proj_std,
-            self.act,
-            self.dtype,
-            self.param_dtype,
-            name="mlp",
-        )(y)
-        return x + y
-
-
-class Mlp(nn.Module):
-    """fc1 -> activation -> fc2, back to the input width."""
-
-    hidden: int
-    fc_std: float
-    proj_std: float
-    act: str = "quick_gelu"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        def dense(features, name, std):
-            init = nn.initializers.normal(std)
-            return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
-
-        y = _activation(self.act)(dense(self.hidden, "fc1", self.fc_std)(x))
-        return dense(x.shape[-1], "fc2", self.proj_std)(y)
 
 
 class RestorationDecoder(nn.Module):
@@ -239,12 +115,12 @@ class RestorationDecoder(nn.Module):
             )
 
         # SEN's init (CLIP's): in-projections width^-0.5, output projections additionally (2 layers)^-0.5.
-        attn_std = self.width**-0.5
-        proj_std = attn_std * (2 * max(self.layers, 1)) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
+        std = layers.init_stds(self.width, self.layers)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ln = lambda x, name: layers.LayerNorm(name=name, **kw)(x)
 
-        img = _layer_norm(img_tokens, "ln_img", self.param_dtype, self.dtype)
-        txt = _layer_norm(txt_tokens, "ln_txt", self.param_dtype, self.dtype)
+        img = ln(img_tokens, "ln_img")
+        txt = ln(txt_tokens, "ln_txt")
 
         x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(img)
         mask_token = self.param("mask_token", nn.initializers.zeros, (self.width,), self.param_dtype)
@@ -256,30 +132,27 @@ class RestorationDecoder(nn.Module):
             self.sow("intermediates", "restored", x)
         x = x + jnp.asarray(sincos_pos_embed_2d(self.width, self.grid, cls_token=True), self.dtype)
 
-        q = _layer_norm(x, "ln_q", self.param_dtype, self.dtype)
-        cross_attn = Attention(
-            self.width, self.heads, attn_std, proj_std, self.dtype, self.param_dtype, name="cross_attn"
+        q = ln(x, "ln_q")
+        cross_attn = layers.Attention(
+            self.width, self.heads, in_std=std["attn_std"], out_std=std["proj_std"], name="cross_attn", **kw
         )
         c = cross_attn(q, txt, txt_mask)
         # SEN drops the residual here (its `x = norm_6(x + need_text)` is commented out), so the decoder's
         # only view of the kept pixels is through the caption-conditioned attention output.
         x = x + c if self.residual else c
-        x = _layer_norm(x, "ln_cross", self.param_dtype, self.dtype)
+        x = ln(x, "ln_cross")
 
         for i in range(self.layers):
-            x = Block(
+            x = layers.Block(
                 self.width,
                 self.heads,
-                self.mlp_ratio,
-                attn_std,
-                proj_std,
-                fc_std,
+                int(self.width * self.mlp_ratio),
                 self.act,
-                self.dtype,
-                self.param_dtype,
                 name=f"cross_layers_{i}",
+                **std,
+                **kw,
             )(x)
 
-        x = _layer_norm(x, "ln_post", self.param_dtype, self.dtype)
+        x = ln(x, "ln_post")
         x = nn.Dense(self.patch_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pred")(x)
         return x[:, 1:].astype(jnp.float32)

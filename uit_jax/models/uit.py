@@ -16,13 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uit_jax import losses
 from uit_jax.models import clip as clip_lib
 from uit_jax.models import decoder as decoder_lib
-
-# OpenAI CLIP's pixel statistics (images are normalised with them by the data pipeline).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from uit_jax.models import layers
 
 
 def grayscale_normalized(images: jax.Array) -> jax.Array:
@@ -31,10 +27,10 @@ def grayscale_normalized(images: jax.Array) -> jax.Array:
     SEN weights the *normalised* channels; we weight the pixel values (what a grayscale photo would give CLIP) and
     normalise the result, so the vision tower sees an in-distribution gray image. Target pixels are unaffected.
     """
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-    std = jnp.asarray(CLIP_STD, jnp.float32)
+    mean = jnp.asarray(layers.CLIP_MEAN, jnp.float32)
+    std = jnp.asarray(layers.CLIP_STD, jnp.float32)
     rgb = images.astype(jnp.float32) * std + mean
-    gray = jnp.sum(rgb * jnp.asarray(losses.GRAY_WEIGHTS, jnp.float32), axis=-1, keepdims=True)
+    gray = jnp.sum(rgb * jnp.asarray(layers.GRAY_WEIGHTS, jnp.float32), axis=-1, keepdims=True)
     return ((gray - mean) / std).astype(images.dtype)
 
 
@@ -49,31 +45,22 @@ class MLMHead(nn.Module):
 
     @nn.compact
     def __call__(self, txt_tokens, img_tokens):
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+        kw = dict(dtype=self.dtype)
+        ln = lambda name: layers.LayerNorm(name=name, **kw)
         # IRRA's initialisation: std width^-0.5 in, width^-0.5 (2 layers)^-0.5 out, (2 width)^-0.5 for fc.
-        attn_std = self.width**-0.5
-        proj_std = attn_std * (2 * self.layers) ** -0.5
-        fc_std = (2 * self.width) ** -0.5
-        q = ln("ln_pre_t")(txt_tokens).astype(self.dtype)
-        kv = ln("ln_pre_i")(img_tokens).astype(self.dtype)
-        x = decoder_lib.Attention(self.width, self.heads, attn_std, proj_std, self.dtype, name="cross_attn")(q, kv)
+        std = layers.init_stds(self.width, self.layers)
+        q = ln("ln_pre_t")(txt_tokens)
+        kv = ln("ln_pre_i")(img_tokens)
+        x = layers.Attention(
+            self.width, self.heads, in_std=std["attn_std"], out_std=std["proj_std"], name="cross_attn", **kw
+        )(q, kv)
         for i in range(self.layers):
-            x = decoder_lib.Block(
-                self.width,
-                self.heads,
-                4.0,
-                attn_std,
-                proj_std,
-                fc_std,
-                dtype=self.dtype,
-                name=f"cross_layers_{i}",
-            )(x)
+            x = layers.Block(self.width, self.heads, 4 * self.width, name=f"cross_layers_{i}", **std, **kw)(x)
         x = ln("ln_post")(x)
-        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(fc_std), name="dense")(x)
-        x = decoder_lib.quick_gelu(x)
+        dense = lambda n, s, name: nn.Dense(n, kernel_init=nn.initializers.normal(s), name=name, **kw)
+        x = layers.quick_gelu(dense(self.width, std["fc_std"], "dense")(x))
         x = ln("ln")(x)
-        x = nn.Dense(self.vocab_size, dtype=self.dtype, kernel_init=nn.initializers.normal(proj_std), name="fc")(x)
-        return x.astype(jnp.float32)
+        return dense(self.vocab_size, std["proj_std"], "fc")(x).astype(jnp.float32)
 
 
 class UIT(nn.Module):

@@ -1,0 +1,157 @@
+"""The transformer layers every model here is made of: LayerNorm, Attention, MLP, Block; CLIP's pixel constants.
+
+One library for the CLIP towers (`clip.py`), the restoration decoder (`decoder.py`) and the MLM head (`uit.py`).
+Submodule names follow Hugging Face's CLIP (`self_attn/{q,k,v,out}_proj`, `layer_norm1`, `mlp/fc1`, ...), so
+weight conversion stays a rename plus transposes (`convert.py`).
+
+Initialisation: `None` standard deviations keep Flax's default Dense init (the CLIP towers, whose weights are
+loaded); the randomly initialised modules pass CLIP's/SEN's normal stds (in: width^-0.5, out: that times
+(2 layers)^-0.5, fc: (2 width)^-0.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+# OpenAI CLIP's pixel statistics (the data pipelines normalise with them; the grayscale view undoes them).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Luma weights of torchvision's rgb_to_grayscale (ITU-R BT.601, rounded as torchvision does).
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+# torch.nn.LayerNorm's default; CLIP's and SEN's LayerNorms use it (Flax's default is 1e-6).
+LN_EPS = 1e-5
+
+
+def quick_gelu(x):
+    """CLIP's activation, x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; known: {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def _kernel_init(std: float | None):
+    return nn.initializers.lecun_normal() if std is None else nn.initializers.normal(std)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype; the result is cast back to `dtype`.
+
+    Parameters `scale` and `bias` (Flax's names; HF's `weight`/`bias` in `convert.py`).
+    """
+
+    eps: float = LN_EPS
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype).astype(jnp.float32)
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (the HF layout, torch MultiheadAttention's maths).
+
+    Self-attention when `kv` is None; cross-attention otherwise (keys and values projected from `kv`'s own width,
+    like torch's kdim/vdim). `kv_mask` (B, S) bool, True = attend. Scale head_dim ** -0.5, as in CLIP.
+    """
+
+    width: int
+    heads: int
+    causal: bool = False
+    in_std: float | None = None
+    out_std: float | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv=None, kv_mask=None):
+        """x (B, T, Dq), kv (B, S, Dkv) or None -> (B, T, width)."""
+        if self.width % self.heads:
+            raise ValueError(f"Attention: width={self.width} is not divisible by heads={self.heads}.")
+        kv = x if kv is None else kv
+
+        def dense(name, std):
+            init = _kernel_init(std)
+            return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init, name=name)
+
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.width // self.heads)  # (B, T, heads, head_dim)
+        q = split(dense("q_proj", self.in_std)(x))
+        k = split(dense("k_proj", self.in_std)(kv))
+        v = split(dense("v_proj", self.in_std)(kv))
+        mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+        return dense("out_proj", self.out_std)(y.reshape(*y.shape[:-2], self.width))
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2, back to the input width."""
+
+    hidden: int
+    act: str = "quick_gelu"
+    fc_std: float | None = None
+    proj_std: float | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = nn.Dense(self.hidden, kernel_init=_kernel_init(self.fc_std), name="fc1", **kw)(x)
+        y = activation(self.act)(y)
+        return nn.Dense(x.shape[-1], kernel_init=_kernel_init(self.proj_std), name="fc2", **kw)(y)
+
+
+class Block(nn.Module):
+    """Pre-LN residual block (CLIP's ResidualAttentionBlock): x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    width: int
+    heads: int
+    mlp: int  # hidden size of the MLP
+    act: str = "quick_gelu"
+    eps: float = LN_EPS
+    causal: bool = False
+    attn_std: float | None = None
+    proj_std: float | None = None
+    fc_std: float | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(self.eps, name="layer_norm1", **kw)(x)
+        x = x + Attention(self.width, self.heads, self.causal, self.attn_std, self.proj_std, name="self_attn", **kw)(h)
+        h = LayerNorm(self.eps, name="layer_norm2", **kw)(x)
+        return x + MLP(self.mlp, self.act, self.fc_std, self.proj_std, name="mlp", **kw)(h)
+
+
+def init_stds(width: int, layers: int) -> dict[str, float]:
+    """CLIP's (and SEN's, IRRA's) init for new transformer modules: attn in, out projections, MLP fc1."""
+    attn_std = width**-0.5
+    return dict(attn_std=attn_std, proj_std=attn_std * (2 * max(layers, 1)) ** -0.5, fc_std=(2 * width) ** -0.5)
