@@ -55,14 +55,19 @@ def loss_config() -> ml_collections.ConfigDict:
     )
 
 
-# SEN's parameter groups: x5 lr for the randomly initialised `classifier*`, `mlm_head*` and `cross*` modules (in
-# our decoder, the text cross-attention and the transformer blocks after it; the decoder's embed/pred/norms stay
-# x1, as in SEN), then x2 and no weight decay for every other bias. First match wins.
+# SEN's parameter groups: x5 lr for the randomly initialised classifier, MLM head and `cross*` modules (in our
+# decoder, the text cross-attention and the transformer blocks after it; the decoder's embed/pred/norms stay x1,
+# as in SEN), then x2 for every other bias. First match wins. IRRA's `mlm_head` is only the vocabulary head
+# (dense, ln, fc); its cross-attention and blocks are `cross*` (bias x2) and its norms x1, as here.
+# tests/test_optim.py checks every ViT-B/16 parameter against SEN's rule.
 LR_RULES = (
-    (r"^(classifier|mlm_head)/", 5.0),
+    (r"^classifier/", 5.0),
+    (r"^mlm_head/(dense|ln|fc)/", 5.0),
     (r"(^|/)bias$", 2.0),
     (r"(^|/)cross", 5.0),
 )
+# ... and no weight decay for biases (SEN's weight_decay_bias = 0).
+NO_DECAY_RULES = (r"(^|/)bias$",)
 
 
 def optim_config() -> ml_collections.ConfigDict:
@@ -73,11 +78,10 @@ def optim_config() -> ml_collections.ConfigDict:
             b2=0.999,
             eps=1e-3,  # the reference's Adam eps (it trains fp16 weights); a hyperparameter here.
             weight_decay=4e-5,  # coupled (added to the gradient) as torch.optim.Adam does.
-            # Regex lr multipliers on the '/'-joined param path; first match wins. The reference gives x5 to
-            # its randomly initialised modules (classifier, cross-modal decoder, MLM head) ...
+            # Regex lr multipliers on the '/'-joined param path, first match wins; regexes of the parameters
+            # without weight decay. The one table of parameter groups (uit_jax/optim.py applies it).
             lr_rules=LR_RULES,
-            # ... and x2 lr, no weight decay, to every bias.
-            bias_lr_factor=0.0,  # biases are handled by lr_rules above (0: no extra bias rule).
+            no_decay_rules=NO_DECAY_RULES,
             grad_clip=0.0,  # global-norm clipping; 0 disables (the reference does not clip).
         )
     )

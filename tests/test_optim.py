@@ -17,7 +17,10 @@ SHAPES = {
     "decoder": {"cross_attn": {"kernel": (2, 3), "bias": (3,)}},
     "clip": {"text": {"ln": {"scale": (3,), "bias": (3,)}, "dense": {"kernel": (3, 3)}}},
 }
-# Hand-written expectation under the defaults (x5 new modules first, then biases x2; biases never decay).
+# Rules for these unit tests (x5 new modules first, then biases x2; biases never decay) and the expectation,
+# by hand. The trainer's table is the config's (configs/common.py), tested against SEN's rule below.
+RULES = ((r"^(classifier|decoder|mlm)/", 5.0), (r"(^|/)bias$", 2.0))
+NO_DECAY = (r"(^|/)bias$",)
 EXPECTED = {
     "classifier/kernel": (5.0, True),
     "classifier/bias": (5.0, False),
@@ -49,10 +52,10 @@ def sen_lr_factor(base, warmup_factor, w, e_total, end, epoch):
     return end + (base - end) * 0.5 * (1 + math.cos(math.pi * ratio))
 
 
-def test_multipliers_and_mask_defaults():
+def test_multipliers_and_mask():
     params = _params()
-    mult = _flat(optim.lr_multipliers(params, optim.DEFAULT_LR_RULES, bias_lr_factor=2.0))
-    mask = _flat(optim.decay_mask(params))
+    mult = _flat(optim.lr_multipliers(params, RULES))
+    mask = _flat(optim.decay_mask(params, NO_DECAY))
     assert {k: (mult[k], bool(mask[k])) for k in mult} == EXPECTED
 
 
@@ -84,8 +87,8 @@ def test_sen_grouping_reproduced_by_explicit_rules():
     ]
     params = {n: np.zeros(1, np.float32) for n in names}  # flat dict keyed by the full path
     rules = ((r"^(classifier|mlm_head)/", 5.0), (r"(^|/)bias$", 2.0), (r"cross", 5.0))
-    mult = optim.lr_multipliers(params, rules, bias_lr_factor=None)
-    mask = optim.decay_mask(params)
+    mult = optim.lr_multipliers(params, rules)
+    mask = optim.decay_mask(params, NO_DECAY)
     for n in names:
         assert (mult[n], mask[n]) == sen(n), n
 
@@ -96,7 +99,7 @@ def test_first_matching_rule_wins():
     b = optim.lr_multipliers(params, ((r"decoder", 7.0), (r"cross", 3.0)))
     assert a["decoder"]["cross_attn"]["kernel"] == 3.0 and b["decoder"]["cross_attn"]["kernel"] == 7.0
     assert a["other"]["kernel"] == 1.0
-    # an lr rule beats the implicit bias factor; an explicit bias rule listed first beats the lr rule
+    # a bias rule listed after a module rule loses to it, listed first it wins
     p = {"decoder": {"bias": np.zeros(2)}}
     assert optim.lr_multipliers(p, ((r"^decoder/", 5.0),))["decoder"]["bias"] == 5.0
     assert optim.lr_multipliers(p, ((r"(^|/)bias$", 2.0), (r"^decoder/", 5.0)))["decoder"]["bias"] == 2.0
@@ -108,7 +111,15 @@ def _run_against_torch(grad_clip, dtype):
     schedule = optim.make_schedule(
         base_lr=base, steps_per_epoch=spe, epochs=epochs, warmup_epochs=warm, warmup_factor=0.1
     )
-    tx = optim.make_optimizer(params, schedule=schedule, eps=1e-3, weight_decay=wd, grad_clip=grad_clip)
+    tx = optim.make_optimizer(
+        params,
+        schedule=schedule,
+        eps=1e-3,
+        weight_decay=wd,
+        grad_clip=grad_clip,
+        lr_rules=RULES,
+        no_decay_rules=NO_DECAY,
+    )
 
     flat = {k: np.asarray(v) for k, v in _flat(params).items()}
     tparams = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in flat.items()}
@@ -211,11 +222,11 @@ def test_schedule_per_epoch_is_sen_staircase_and_end_factor():
 
 def test_describe_groups_and_config_kwargs():
     params = jax.eval_shape(lambda: jax.tree_util.tree_map(jnp.asarray, _params()))
-    table = optim.describe_groups(params, weight_decay=4e-5)
+    table = optim.describe_groups(params, weight_decay=4e-5, lr_rules=RULES, no_decay_rules=NO_DECAY)
     lines = table.splitlines()
     assert lines[0].split() == ["group", "tensors", "params", "lr", "factor", "weight", "decay"]
     rows = {tuple(re.split(r"\s{2,}", line.strip())) for line in lines[2:]}
-    assert ("bias", "1", "3", "2", "0") in rows  # clip/text/ln/bias
+    assert ("(^|/)bias$", "1", "3", "2", "0") in rows  # clip/text/ln/bias
     assert ("default", "2", "12", "1", "4e-05") in rows  # ln scale + dense kernel
     assert ("^(classifier|decoder|mlm)/", "2", "18", "5", "4e-05") in rows
     assert ("^(classifier|decoder|mlm)/", "2", "7", "5", "0") in rows
@@ -225,3 +236,58 @@ def test_describe_groups_and_config_kwargs():
     assert kw == {"b1": 0.8, "lr_rules": (("x", 2.0),), "grad_clip": None, "no_decay_rules": ("bias",)}
     with pytest.raises(ValueError, match="lr_rules"):
         optim.lr_multipliers(params, (("(", 2.0),))
+
+
+def test_config_groups_for_vit_b16_follow_sen():
+    """The config's one table, on the real ViT-B/16 UIT (with the MLM head), gives every parameter SEN's group.
+
+    SEN (solver/build.py): lr x5 if the name contains 'cross'; then x2 and no weight decay if it contains 'bias';
+    then x5 if it contains 'classifier' or 'mlm_head'. Applied by substring to the reference's name of each of our
+    parameters (the decoder's and the MLM head's names differ: models/decoder.py lists the correspondence).
+    """
+    from configs import cuhk
+    from uit_jax.models import clip, uit
+
+    config = cuhk.get_config()
+    model = uit.UIT(
+        clip_config=clip.config_from_preset("vit-b16", image_size=(384, 128)), num_classes=11003, use_mlm=True
+    )
+    images, ids = jnp.zeros((1, 384, 128, 3)), jnp.zeros((1, 77), jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, ids, rng=jax.random.key(1), mlm_text=ids))
+    params = params["params"]
+    kw = optim.config_kwargs(config.optim)
+    print("\n" + optim.describe_groups(params, **kw))  # pytest -s shows the groups
+
+    def sen(name):
+        lr, decay = 1.0, True
+        if "cross" in name:
+            lr = 5.0
+        if "bias" in name:
+            lr, decay = 2.0, False
+        if "classifier" in name or "mlm_head" in name:
+            lr = 5.0
+        return lr, decay
+
+    decoder = dict(ln_img="norm_1", ln_txt="norm_2", embed="decoder_embed", ln_q="norm_4", ln_cross="norm_6")
+    decoder.update(cross_attn="cross_attn_Text", ln_post="norm_7", pred="decoder_pred")
+
+    def reference_name(name):
+        top, first, rest = (name.split("/", 2) + ["", ""])[:3]
+        layer = re.fullmatch(r"cross_layers_(\d+)", first)
+        if top == "decoder":
+            first = f"cross_modal_transformer_mae/resblocks_{layer[1]}" if layer else decoder.get(first, first)
+            return f"{first}/{rest}"
+        if top == "mlm_head":  # IRRA: only dense/ln/fc sit under mlm_head; the rest are top-level modules
+            if first in ("dense", "ln", "fc"):
+                return name
+            return f"cross_modal_transformer/resblocks_{layer[1]}/{rest}" if layer else f"{first}/{rest}"
+        return name.replace("clip/", "base_model/", 1)
+
+    mult = _flat(optim.lr_multipliers(params, kw["lr_rules"]))
+    mask = _flat(optim.decay_mask(params, kw["no_decay_rules"]))
+    assert len(mult) > 400
+    for name in mult:
+        assert (mult[name], mask[name]) == sen(reference_name(name)), (name, reference_name(name))
+    # every group SEN has is present: the new modules x5 (with decay), biases x2 without, the CLIP towers x1
+    assert {(mult[n], mask[n]) for n in mult} == {(5.0, True), (5.0, False), (2.0, False), (1.0, True)}
+    assert mult["decoder/cross_attn/q_proj/kernel"] == 5.0 and mult["decoder/embed/kernel"] == 1.0

@@ -11,10 +11,9 @@ Parameter groups. SEN makes one group per tensor: lr x5 for names containing ``c
 lr x2 (``bias_lr_factor``) and weight decay 0 (``weight_decay_bias``), then ``classifier`` / ``mlm_head``
 get lr x5 again (so their biases are x5, cross-attention biases x2). Here a parameter's lr factor is that
 of the first rule in ``lr_rules`` whose regex ``re.search``-es its '/'-joined path (for example
-``decoder/cross_attn/kernel``); if none matches, biases (leaf named ``bias``) get ``bias_lr_factor`` and
-everything else 1. To put the bias factor ahead of a rule, list an explicit ``(r"(^|/)bias$", 2.0)`` rule
-before it. A parameter gets no weight decay when any regex in ``no_decay_rules`` matches its path
-(default: biases, as SEN).
+``decoder/cross_attn/kernel``), 1 if none matches; it gets no weight decay when any regex in
+``no_decay_rules`` matches. The rules live in one table, the config's (``configs/common.py``: ``LR_RULES``,
+``NO_DECAY_RULES``, SEN's grouping); ``config_kwargs(config.optim)`` is the one path from config to optimiser.
 
 Schedule. SEN steps its scheduler once per epoch, so epoch e (0-based) runs at ``lr(e)``: linear warm-up
 ``base * (warmup_factor * (1 - e/W) + e/W)`` for e < W, then
@@ -35,11 +34,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-
-# Ours default to the trainer's config: new modules (id classifier, restoration decoder, MLM head) x5.
-DEFAULT_LR_RULES: tuple[tuple[str, float], ...] = ((r"^(classifier|decoder|mlm)/", 5.0),)
-BIAS_PATTERN = r"(^|/)bias$"
-DEFAULT_NO_DECAY_RULES: tuple[str, ...] = (BIAS_PATTERN,)
 
 
 def _key_name(k) -> str:
@@ -67,16 +61,13 @@ def _compile(rules, what: str):
     return out
 
 
-def _lr_factor_fn(lr_rules, bias_lr_factor) -> Callable[[str], tuple[float, str]]:
+def _lr_factor_fn(lr_rules) -> Callable[[str], tuple[float, str]]:
     compiled = _compile(lr_rules, "lr_rules")
-    bias = re.compile(BIAS_PATTERN)
 
     def factor(path: str) -> tuple[float, str]:
         for regex, f in compiled:
             if regex.search(path):
                 return f, regex.pattern
-        if bias_lr_factor is not None and bias.search(path):
-            return float(bias_lr_factor), "bias"
         return 1.0, "default"
 
     return factor
@@ -90,13 +81,13 @@ def _decay_fn(no_decay_rules) -> Callable[[str], bool]:
     return lambda path: not any(r.search(path) for r in compiled)
 
 
-def lr_multipliers(params, rules=DEFAULT_LR_RULES, *, bias_lr_factor: float | None = 2.0):
+def lr_multipliers(params, rules: Sequence[tuple[str, float]]):
     """Pytree like ``params`` of Python floats: each parameter's lr factor under the rules above."""
-    f = _lr_factor_fn(rules, bias_lr_factor)
+    f = _lr_factor_fn(rules)
     return jax.tree_util.tree_map_with_path(lambda p, _: f(path_str(p))[0], params)
 
 
-def decay_mask(params, no_decay_rules=DEFAULT_NO_DECAY_RULES):
+def decay_mask(params, no_decay_rules: Sequence[str]):
     """Pytree like ``params`` of bools: True where weight decay applies."""
     f = _decay_fn(no_decay_rules)
     return jax.tree_util.tree_map_with_path(lambda p, _: f(path_str(p)), params)
@@ -105,16 +96,17 @@ def decay_mask(params, no_decay_rules=DEFAULT_NO_DECAY_RULES):
 def describe_groups(
     params,
     *,
-    lr_rules=DEFAULT_LR_RULES,
-    bias_lr_factor: float | None = 2.0,
-    no_decay_rules=DEFAULT_NO_DECAY_RULES,
-    weight_decay: float = 4e-5,
+    lr_rules: Sequence[tuple[str, float]] = (),
+    no_decay_rules: Sequence[str] = (),
+    weight_decay: float = 0.0,
+    **_optimizer_kwargs,
 ) -> str:
     """A text table for logging: one row per (matched rule, lr factor, weight decay), with counts.
 
-    ``params`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+    ``params`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``). Takes
+    ``config_kwargs(config.optim)`` as it is (the other optimiser keywords are ignored).
     """
-    lr_f = _lr_factor_fn(lr_rules, bias_lr_factor)
+    lr_f = _lr_factor_fn(lr_rules)
     dec_f = _decay_fn(no_decay_rules)
     groups: dict[tuple[str, float, float], list[int]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -206,9 +198,8 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-3,
     weight_decay: float = 4e-5,
-    lr_rules: Sequence[tuple[str, float]] = DEFAULT_LR_RULES,
-    bias_lr_factor: float | None = 2.0,
-    no_decay_rules: Sequence[str] = DEFAULT_NO_DECAY_RULES,
+    lr_rules: Sequence[tuple[str, float]] = (),
+    no_decay_rules: Sequence[str] = (),
     grad_clip: float | None = None,
 ) -> optax.GradientTransformation:
     """torch.optim.Adam with coupled (L2) weight decay, per-parameter lr factors and decay mask, from regexes.
@@ -217,7 +208,7 @@ def make_optimizer(
     logged as a warning (a typo, or a module switched off). ``grad_clip`` (global norm) applies to the raw
     gradient, before the decay term; SEN does not clip. ``update`` needs ``params`` (for the decay term).
     """
-    lr_f = _lr_factor_fn(lr_rules, bias_lr_factor)
+    lr_f = _lr_factor_fn(lr_rules)
     dec_f = _decay_fn(no_decay_rules)
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if not paths:
@@ -245,7 +236,7 @@ def make_optimizer(
 
 def config_kwargs(optim_config: Mapping[str, Any]) -> dict[str, Any]:
     """The make_optimizer keyword arguments present in a mapping-like config (e.g. ``config.optim``)."""
-    keys = ("b1", "b2", "eps", "weight_decay", "lr_rules", "bias_lr_factor", "no_decay_rules", "grad_clip")
+    keys = ("b1", "b2", "eps", "weight_decay", "lr_rules", "no_decay_rules", "grad_clip")
     out = {k: optim_config[k] for k in keys if k in optim_config}
     if "lr_rules" in out:
         out["lr_rules"] = tuple(tuple(r) for r in out["lr_rules"])

@@ -148,13 +148,6 @@ def total_steps(config, info) -> int:
     return config.total_steps if config.total_steps > 0 else int(config.schedule.epochs * steps_per_epoch(config, info))
 
 
-def _group_kwargs(config) -> dict:
-    return dict(
-        lr_rules=tuple(tuple(r) for r in config.optim.lr_rules),
-        bias_lr_factor=config.optim.bias_lr_factor or None,
-    )
-
-
 def make_tx(config, info, params):
     spe = steps_per_epoch(config, info)
     sched = config.schedule
@@ -167,16 +160,7 @@ def make_tx(config, info, params):
         warmup_factor=sched.warmup_factor,
         end_lr_factor=sched.end_lr_factor,
     )
-    tx = optim.make_optimizer(
-        params,
-        schedule=schedule,
-        b1=config.optim.b1,
-        b2=config.optim.b2,
-        eps=config.optim.eps,
-        weight_decay=config.optim.weight_decay,
-        grad_clip=config.optim.grad_clip or None,
-        **_group_kwargs(config),
-    )
+    tx = optim.make_optimizer(params, schedule=schedule, **optim.config_kwargs(config.optim))
     return tx, schedule
 
 
@@ -293,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     abstract, state_sh, tx, schedule = _sharded_state(config, setup, mesh, init_rng)
     logging.info(
         "Optimizer groups:\n%s",
-        optim.describe_groups(abstract["params"], weight_decay=config.optim.weight_decay, **_group_kwargs(config)),
+        optim.describe_groups(abstract["params"], **optim.config_kwargs(config.optim)),
     )
 
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=config.checkpoint.async_save)
