@@ -61,7 +61,7 @@ def test_end_to_end_writes_results(data_root, tmp_path):
     for key in ("test_at_last", "test_at_best"):
         m = saved[key]
         assert set(m) >= {"R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_gallery"}
-        assert 0.0 <= m["mINP"] <= m["mAP"] <= 100.0 and m["R1"] <= m["R5"] <= m["R10"] <= 100.0
+        assert 0.0 <= m["mINP"] <= 100.0 and 0.0 <= m["mAP"] <= 100.0 and 0.0 <= m["R1"] <= m["R5"] <= m["R10"] <= 100.0
         assert m["num_gallery"] == 6 * 2 and m["num_queries"] == 6 * 2 * 2  # every test image / caption once
     assert res["test_at_best"] == saved["test_at_best"]
     assert "R1" in saved["table"]

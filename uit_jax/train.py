@@ -24,14 +24,12 @@ from clu import metric_writers, periodic_actions
 from uit_jax import checkpoint as ckpt_lib
 from uit_jax import evaluate as eval_lib
 from uit_jax import optim, sharding, steps
+from uit_jax.data import defaults as data_defaults
 from uit_jax.data import pipeline
 from uit_jax.data import tokenizer as tok_lib
 from uit_jax.models import clip as clip_lib
 from uit_jax.models import convert
 from uit_jax.models import uit as uit_lib
-
-KNOWN_DATASETS = ("synthetic", "cuhk", "icfg", "rstp")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config -> objects
@@ -49,8 +47,9 @@ def compute_dtype(name: str):
 def validate_config(config, num_devices: int) -> None:
     """Fails before anything is built or compiled, with a message that says what to change."""
     errors = []
-    if config.data.name not in KNOWN_DATASETS:
-        errors.append(f"config.data.name={config.data.name!r} is not a known dataset; use one of {KNOWN_DATASETS}.")
+    if config.data.name not in data_defaults.DATASETS:
+        names = sorted(data_defaults.DATASETS)
+        errors.append(f"config.data.name={config.data.name!r} is not a known dataset; use one of {names}.")
     if config.batch_size <= 0 or config.batch_size % num_devices:
         errors.append(
             f"config.batch_size={config.batch_size} must be a positive multiple of the {num_devices} devices "

@@ -27,6 +27,16 @@ def test_data_config_fields():
         defaults.data_config("coco")
 
 
+def test_one_dataset_registry_and_data_root_read_at_build(monkeypatch, tmp_path):
+    from uit_jax.data import builders
+
+    assert set(builders.BUILDERS) == set(defaults.DATASETS)
+    monkeypatch.setenv("UIT_DATA_ROOT", str(tmp_path))  # after import: still honoured
+    assert defaults.data_config("cuhk").manual_dir == str(tmp_path / "CUHK-PEDES")
+    monkeypatch.delenv("UIT_DATA_ROOT")
+    assert defaults.data_config("rstp").manual_dir == os.path.join(os.path.expanduser("~"), "uit_data", "RSTPReid")
+
+
 def test_train_batch_contents(tiny):
     cfg, info, tok, train = tiny
     cfg = cfg.copy_and_resolve_references()

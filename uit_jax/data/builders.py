@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from uit_jax.data import defaults
 from uit_jax.data import synthetic as synth_lib
 from uit_jax.data import text as text_lib
 
@@ -261,4 +262,7 @@ def synthetic_config(spec: synth_lib.Spec) -> tfds.core.BuilderConfig:
     return tfds.core.BuilderConfig(name=name, description=f"synthetic set {spec}")
 
 
+# Registered against the one list of datasets (defaults.DATASETS): a name there without a builder fails here.
 BUILDERS = {"synthetic": SyntheticPedes, "cuhk": CuhkPedes, "icfg": IcfgPedes, "rstp": RstpReid}
+if set(BUILDERS) != set(defaults.DATASETS):
+    raise ImportError(f"builders.BUILDERS {sorted(BUILDERS)} != data.defaults.DATASETS {sorted(defaults.DATASETS)}")

@@ -6,20 +6,26 @@ import os
 
 import ml_collections
 
-_ROOT = os.environ.get("UIT_DATA_ROOT", os.path.join(os.path.expanduser("~"), "uit_data"))
-_FOLDERS = {"synthetic": "synthetic_pedes", "cuhk": "CUHK-PEDES", "icfg": "ICFG-PEDES", "rstp": "RSTPReid"}
+# The one registry of datasets: config name -> the official folder name under $UIT_DATA_ROOT. The tfds builders
+# (uit_jax/data/builders.py) register against it; the trainer checks config.data.name against it.
+DATASETS = {"synthetic": "synthetic_pedes", "cuhk": "CUHK-PEDES", "icfg": "ICFG-PEDES", "rstp": "RSTPReid"}
+
+
+def data_root() -> str:
+    """$UIT_DATA_ROOT, read when a config is built (not at import), defaulting to ~/uit_data."""
+    return os.environ.get("UIT_DATA_ROOT") or os.path.join(os.path.expanduser("~"), "uit_data")
 
 
 def data_config(name: str) -> ml_collections.ConfigDict:
-    """The data config group for `name` in {'synthetic', 'cuhk', 'icfg', 'rstp'}."""
-    if name not in _FOLDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(_FOLDERS)}")
+    """The data config group for `name`, one of DATASETS."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     c = ml_collections.ConfigDict()
-    # Which dataset: picks the tfds builder in uit_jax.data.builders.BUILDERS.
+    # Which dataset: one of DATASETS; picks its tfds builder.
     c.name = name
     # The official folder (imgs/ + annotation json). Synthetic: the parent of the generated sets (see
     # synthetic.out_dir). Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting to ~/uit_data.
-    c.manual_dir = os.path.join(_ROOT, _FOLDERS[name])
+    c.manual_dir = os.path.join(data_root(), DATASETS[name])
     # Where tfds keeps the built dataset; None = tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
     c.data_dir = ml_collections.config_dict.placeholder(str)
     # (height, width) every image is resized to. Real sets: the reference's 384x128.
@@ -48,15 +54,11 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     c.mlm_masking = True
     # Also emit mlm_text / mlm_labels (labels 0 = not a target) for an MLM head.
     c.mlm_outputs = False
-    # Not used: the samplers draw whole-epoch permutations of indices in memory, an exact shuffle, so there is
-    # no shuffle buffer. Kept so that configs which set it keep working; setting it changes nothing.
-    c.shuffle_buffer = 0
-    # Default seed of the data order and augmentations (the trainer passes its own seed explicitly).
-    c.seed = 0
-    # Split used for model selection, and the splits evaluated (validation first).
+    # The data order and augmentations follow config.seed (there is no shuffle buffer: the samplers draw
+    # whole-epoch permutations in memory, an exact shuffle).
+    # The split that selects the model (validation, never test), and the split reported at the end.
     c.val_split = "val"
     c.test_split = "test"
-    c.eval_splits = ("val", "test")
     if name == "synthetic":
         c.image_size = (128, 64)  # small for CPU runs; the set is rendered at this size
         s = ml_collections.ConfigDict()
