@@ -9,9 +9,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-# ----------------------------------------------------------------------------- tiny CLIP checkpoint (models)
+# ----------------------------------------------------------------------------- slow tests: additive
 
 import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (in addition, not instead)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- tiny CLIP checkpoint (models)
 
 TINY_WORDS = (
     "a an the man woman person he she his her is wearing with and carrying holding walking "

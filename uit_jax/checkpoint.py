@@ -5,8 +5,8 @@ by validation R1 (for the final test). Orbax's `max_to_keep` together with `best
 checkpoint (docs/design.md), so preservation is `AnyPreservationPolicy([LatestN(1), BestN(1)])`.
 
 Each checkpoint has two items: `state` (the sharded pytree, restored into an abstract state that carries shapes,
-dtypes and shardings, so every process reads only its shards) and `meta` (JSON: step, epoch, the validation
-metrics of that step, the config hash), which lets a resumed run check it is continuing the same job.
+dtypes and shardings, so every process reads only its shards) and `meta` (JSON: the config name, total steps, epoch
+and the validation R1 of that step).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def sdm(z_img, z_txt, pid, logit_scale, eps: float = 1e-8):
 
 
 def _cross_entropy(logits, labels):
-    """Mean softmax cross-entropy with integer labels, float32."""
+    """Softmax cross-entropy with integer labels, float32: one value per row (callers take the mean)."""
     logp = jax.nn.log_softmax(_f32(logits), axis=-1)
     labels = jnp.asarray(labels).astype(jnp.int32)
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]

@@ -175,7 +175,7 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     if global_batch <= 0 or global_batch % shards:
         raise ValueError(
             f"batch size {global_batch} is not divisible by the {shards} data shards of the mesh "
-            f"{dict(mesh.shape)} ({mesh.devices.size} devices); set the batch size (config.data.batch_size) "
+            f"{dict(mesh.shape)} ({mesh.devices.size} devices); set the batch size (config.batch_size) "
             f"to a multiple of {shards}, e.g. {max(shards, global_batch // shards * shards)}, or change "
             f"config.mesh"
         )

@@ -208,3 +208,14 @@ def test_missing_manual_dir_shows_the_download_instructions(tmp_path):
     b = builders.IcfgPedes(data_dir=str(tmp_path / "tfds"), tagger=TAGGER)
     with pytest.raises(AssertionError, match="ICFG-PEDES.json"):
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "none")))
+
+
+def test_icfg_reads_sens_file_name_too(tmp_path):
+    """SEN names the ICFG-PEDES annotations ICFG_PEDES.json, IRRA ICFG-PEDES.json: both are read."""
+    cls, _, path_key, ids = LAYOUTS["icfg"]
+    write_folder(tmp_path / "raw", "ICFG_PEDES.json", path_key, ids, images_per_id=1)
+    by_split = builders.read_annotations(str(tmp_path / "raw"), cls.ANN_FILE, path_key, cls.FILE_SPLITS)
+    assert sorted({e["orig_id"] for e in by_split["test"]}) == ids["test"]
+    os.remove(tmp_path / "raw" / "ICFG_PEDES.json")
+    with pytest.raises(builders.DataError, match=r"missing .*ICFG-PEDES.json \(or ICFG_PEDES.json\)"):
+        builders.read_annotations(str(tmp_path / "raw"), cls.ANN_FILE, path_key, cls.FILE_SPLITS)

@@ -234,7 +234,7 @@ print("pairs", info.num_train_pairs)
 """
 
 
-@pytest.mark.slow  # ~15 s: two fresh interpreters import TensorFlow; run with -m slow
+@pytest.mark.slow  # ~15 s: two fresh interpreters import TensorFlow; run with --slow
 def test_two_processes_prepare_the_same_folder_at_once(tmp_path):
     """The multi-process CPU runs call prepare in every process: one builds, the other waits and reuses it."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -54,14 +54,19 @@ def _raise_all(title: str, problems: list[str]):
 
 
 def read_annotations(
-    root: str, ann_file: str, path_key: str, splits: tuple[str, ...], check_images: bool = True
+    root: str, ann_file: str | tuple[str, ...], path_key: str, splits: tuple[str, ...], check_images: bool = True
 ) -> dict[str, list[dict]]:
     """Validated annotation entries by split: {split: [{'path', 'file_path', 'orig_id', 'captions'}]}.
 
-    Every problem in the folder is collected before raising, so one run shows all of them.
+    `ann_file` may list the names the file goes by (the first that exists is read). Every problem in the folder
+    is collected before raising, so one run shows all of them.
     """
     img_dir = os.path.join(root, "imgs")
+    names = (ann_file,) if isinstance(ann_file, str) else tuple(ann_file)
+    ann_file = next((n for n in names if os.path.exists(os.path.join(root, n))), names[0])
     ann_path = os.path.join(root, ann_file)
+    if len(names) > 1 and not os.path.exists(ann_path):
+        ann_path = f"{ann_path} (or {' / '.join(names[1:])})"
     _raise_all(
         f"dataset folder {root!r}",
         [f"missing {p}" for p in (root, img_dir, ann_path) if not os.path.exists(p)],
@@ -203,13 +208,13 @@ class CuhkPedes(_PedesBuilder):
 class IcfgPedes(_PedesBuilder):
     """ICFG-PEDES (Ding et al., 2021): 54,522 images of 4,102 people, one caption each."""
 
-    ANN_FILE = "ICFG-PEDES.json"
+    ANN_FILE = ("ICFG-PEDES.json", "ICFG_PEDES.json")  # IRRA's name, SEN's name
     PATH_KEY = "file_path"
     FILE_SPLITS = ("train", "test")
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     Request ICFG-PEDES from its authors (https://github.com/zifyloo/SSAN, "Dataset"). Put it in manual_dir as
         manual_dir/imgs/{train,test}/...
-        manual_dir/ICFG-PEDES.json
+        manual_dir/ICFG-PEDES.json   (SEN's name, ICFG_PEDES.json, is read too)
             [{"split": "train|test", "captions": [...], "file_path": "...", "id": int}, ...]
     """
 
