@@ -138,6 +138,9 @@ def test_nonfinite_losses_stop_the_run_with_last_good_checkpoint(data_root, tmp_
         ({"data.name": "market1501"}, "not a known dataset"),
         ({"loss.sdm": -1.0}, "must be >= 0"),
         ({"loss.triplet_start_epochs": -1.0}, "triplet_start_epochs=-1.0 must be >= 0"),
+        ({"data.image_size": (128,)}, r"image_size=\(128,\) must be \(height, width\)"),
+        ({"loss.mlm": 1.0}, "set --config.data.mlm_outputs=True"),
+        ({"data.tagger": "/nonexistent/tags.tsv"}, "cannot read the word->tag file"),
     ],
 )
 def test_config_errors_fail_before_building(tmp_path, overrides, message):
@@ -145,3 +148,12 @@ def test_config_errors_fail_before_building(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "wd"))
     assert not (tmp_path / "raw").exists(), "the dataset was generated before the config was checked"
+
+
+def test_wrong_weights_fail_before_any_dataset_work(tmp_path):
+    """A model_init folder without weights is reported in seconds, before the synthetic set is generated."""
+    (tmp_path / "clip").mkdir()
+    config = tiny_config(tmp_path, model_init=str(tmp_path / "clip"))
+    with pytest.raises(Exception, match="clip"):
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert not (tmp_path / "raw").exists(), "the dataset was generated before the weights were loaded"

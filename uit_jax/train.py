@@ -61,7 +61,13 @@ def validate_config(config, num_devices: int) -> None:
         )
     if config.batch_size % jax.process_count():
         errors.append(f"config.batch_size={config.batch_size} must divide among {jax.process_count()} processes.")
-    h, w = config.data.image_size
+    size = config.data.image_size
+    if not (isinstance(size, tuple | list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(
+            f"Invalid config: config.data.image_size={size!r} must be (height, width), two positive integers: "
+            "write e.g. --config.data.image_size='(384, 128)'."
+        )
+    h, w = size
     stride = config.model.stride
     patch = clip_lib.config_from_preset(config.model.preset).patch_size if not config.model_init else None
     for side, name in ((h, "height"), (w, "width")):
@@ -79,6 +85,11 @@ def validate_config(config, num_devices: int) -> None:
         errors.append(f"config.loss.triplet_start_epochs={config.loss.triplet_start_epochs} must be >= 0.")
     if not 0.0 <= config.model.drop_ratio < 1.0:
         errors.append(f"config.model.drop_ratio={config.model.drop_ratio} must be in [0, 1).")
+    if config.loss.mlm > 0 and not config.data.mlm_outputs:
+        errors.append(
+            f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "
+            "--config.data.mlm_outputs=True (or --config.loss.mlm=0)."
+        )
     if errors:
         raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -93,18 +104,26 @@ class Setup:
 
 
 def build(config, *, num_classes: int | None = None) -> Setup:
-    """Prepares data, tokenizer and model (with pretrained CLIP weights when config.model_init is set)."""
-    info = pipeline.prepare(config.data)
-    tok_src = config.tokenizer or (config.model_init if config.model_init else info.tokenizer_dir)
-    if not tok_src:
-        raise ValueError("No tokenizer: set config.tokenizer or config.model_init (an HF id or folder).")
-    tokenizer = tok_lib.load_tokenizer(tok_src)
+    """Prepares tokenizer, model (with pretrained CLIP weights when config.model_init is set) and data.
+
+    Cheap checks first: the weights, the tokenizer and the tagger's data are loaded or checked before the dataset
+    is generated, built or read, so a wrong path fails in seconds, not after minutes of dataset work.
+    """
     dtype = compute_dtype(config.model.dtype)
     image_size = tuple(config.data.image_size)
+    tok_src = config.tokenizer or config.model_init
+    tokenizer = tok_lib.load_tokenizer(tok_src) if tok_src else None
     if config.model_init:
         clip_model, clip_params = convert.load(
             config.model_init, image_size=image_size, stride=config.model.stride or None, dtype=dtype
         )
+    pipeline.check_ready(config.data)
+    info = pipeline.prepare(config.data)
+    if tokenizer is None:
+        if not info.tokenizer_dir:
+            raise ValueError("No tokenizer: set config.tokenizer or config.model_init (an HF id or folder).")
+        tokenizer = tok_lib.load_tokenizer(info.tokenizer_dir)
+    if config.model_init:
         clip_cfg = clip_model.config
     else:
         clip_cfg = clip_lib.config_from_preset(

@@ -219,3 +219,18 @@ def test_icfg_reads_sens_file_name_too(tmp_path):
     os.remove(tmp_path / "raw" / "ICFG_PEDES.json")
     with pytest.raises(builders.DataError, match=r"missing .*ICFG-PEDES.json \(or ICFG_PEDES.json\)"):
         builders.read_annotations(str(tmp_path / "raw"), cls.ANN_FILE, path_key, cls.FILE_SPLITS)
+
+
+def test_check_ready_reports_missing_nltk_data_before_building(tmp_path, monkeypatch):
+    import nltk
+
+    from uit_jax.data import defaults, pipeline
+
+    cfg = defaults.data_config("cuhk")
+    cfg.manual_dir, cfg.data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
+    monkeypatch.setattr(nltk.data, "find", lambda *a, **k: (_ for _ in ()).throw(LookupError("no")))
+    with pytest.raises(LookupError, match="nltk.downloader"):
+        pipeline.check_ready(cfg)
+    cfg.tagger = str(tmp_path / "tags.tsv")  # a word->tag file needs no NLTK data
+    (tmp_path / "tags.tsv").write_text("coat\tNN\n")
+    pipeline.check_ready(cfg)

@@ -143,3 +143,22 @@ def test_mask_id_of_generated_tokenizer_is_no_word(tmp_path):
     ids = tok_lib.tokenize(tok, ["a young man in a red coat"], max_len=16)[0]
     assert mask not in ids
     assert tok.convert_ids_to_tokens(mask) == "<|mask|>"
+
+
+def test_file_tagger_tsv_and_json(tmp_path):
+    tsv = tmp_path / "tags.tsv"
+    tsv.write_text("# word -> tag\nMann\tNN\nrote\tJJ\nträgt VBZ\n", encoding="utf-8")
+    tag = text_lib.make_tagger(str(tsv))
+    assert tag(["Ein", "mann", "trägt", "rote"]) == ["X", "NN", "VBZ", "JJ"]  # unknown words: X, case-insensitive
+    assert text_lib.keyword_filter(["Ein", "mann", "trägt", "rote"], tag(["Ein", "mann", "trägt", "rote"])) == [
+        "mann",
+        "rote",
+    ]
+    js = tmp_path / "tags.json"
+    js.write_text('{"coat": "NN", "red": "JJ"}')
+    assert text_lib.make_tagger(str(js))(["red", "coat", "on"]) == ["JJ", "NN", "X"]
+    assert text_lib.make_tagger("") is None  # the dataset's own default
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("coat\tNN\nred JJ extra\n")
+    with pytest.raises(ValueError, match=r"bad.tsv line 2: 'red JJ extra' is not 'word<TAB>tag'"):
+        text_lib.make_tagger(str(bad))

@@ -49,6 +49,11 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     c.erasing_fill = "mean"
     # Probability that a training caption is cut to its nouns, adjectives, pronouns (SEN's key-word filter).
     c.keyword_prob = 0.2
+    # The POS tagger behind the key-word filter, used once when the dataset is built: '' = the dataset's own
+    # (NLTK's perceptron tagger for the real sets, the generator's lexicon for the synthetic one), 'nltk', or a
+    # word->tag file ('word<TAB>tag' lines or a JSON object; uit_jax/data/text.file_tagger), e.g. for another
+    # language. A dataset already built keeps its tags: delete its tfds folder to re-tag.
+    c.tagger = ""
     # SEN's BERT-style masking of every training caption (30% of nouns/adjectives, 5% of other tokens;
     # 80% mask id, 10% random, 10% kept). SEN does it through a side effect; on here to reproduce its numbers.
     c.mlm_masking = True

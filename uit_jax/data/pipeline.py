@@ -101,13 +101,28 @@ def _ensure_synthetic(cfg):
     return tok_dir
 
 
-def prepare(cfg, **builder_kwargs) -> DatasetInfo:
+def builder_kwargs(cfg) -> dict:
+    """The builder's POS tagger from cfg.tagger ('' keeps the dataset's default: NLTK, or the synthetic lexicon)."""
+    tagger = text_lib.make_tagger(cfg.tagger)
+    return {} if tagger is None else {"tagger": tagger}
+
+
+def check_ready(cfg) -> None:
+    """Fails in seconds, before any dataset work, on what the build would need and lacks (the NLTK data)."""
+    if cfg.name == "synthetic" or get_builder(cfg).is_prepared():
+        return
+    builder_kwargs(cfg) or text_lib.nltk_tagger()  # a built set needs no tagger; an unbuilt one does
+
+
+def prepare(cfg, **builder_kwargs_) -> DatasetInfo:
     """Makes sure the tfds dataset is built (first generating the synthetic set), and describes it.
 
     Safe to call from several processes on one machine at once (the multi-process CPU runs): a file lock
     next to the built dataset lets one process generate and build while the others wait, then reuse it.
+    The POS tagger is cfg.tagger's unless `builder_kwargs_` gives one (tests).
     """
-    builder = get_builder(cfg, **builder_kwargs)
+    builder_kwargs_ = {**builder_kwargs(cfg), **builder_kwargs_}
+    builder = get_builder(cfg, **builder_kwargs_)
     lock_dir = os.path.dirname(os.fspath(builder.data_dir))  # <data_dir>/<name>[/<config>]
     os.makedirs(lock_dir, exist_ok=True)
     with open(os.path.join(lock_dir, ".prepare.lock"), "w") as lock:
@@ -119,7 +134,7 @@ def prepare(cfg, **builder_kwargs) -> DatasetInfo:
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    builder = get_builder(cfg, **builder_kwargs)  # re-read: another process may have built it
+    builder = get_builder(cfg, **builder_kwargs_)  # re-read: another process may have built it
     train = load_split(cfg, "train", builder=builder, with_images=False)
     splits = {name: int(s.num_examples) for name, s in builder.info.splits.items()}
     num_images = {}

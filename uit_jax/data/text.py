@@ -24,6 +24,8 @@ The reference code (SEN, datasets/bases.py) and how we differ:
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Callable, Sequence
 
@@ -77,6 +79,48 @@ def lexicon_tagger(tags: dict[str, str]) -> Callable[[list[str]], list[str]]:
         return [tags[w.lower()] for w in words]
 
     return tag
+
+
+def file_tagger(path: str) -> Callable[[list[str]], list[str]]:
+    """A tagger from a word -> tag file: one `word<TAB>tag` per line (or `word tag`), or a JSON object.
+
+    Lookup is case-insensitive; a word the file lacks gets the tag 'X' (so the key-word filter drops it). Any
+    tag set works as long as key words get Penn Treebank's PRP*, NN* or JJ* (keyword_filter), e.g. a table
+    mapped from another language's tagger.
+    """
+    path = os.path.expanduser(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"config.data.tagger={path!r}: cannot read the word->tag file ({e}).") from None
+    if text.lstrip().startswith("{"):
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected {{word: tag}}.") from None
+    else:
+        table = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise ValueError(f"{path} line {n}: {line!r} is not 'word<TAB>tag'.")
+            table[parts[0].strip()] = parts[1].strip()
+    if not table or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        raise ValueError(f"{path}: expected a non-empty word -> tag table of strings.")
+    table = {k.lower(): v for k, v in table.items()}
+    return lambda words: [table.get(w.lower(), "X") for w in words]
+
+
+def make_tagger(spec: str) -> Callable[[list[str]], list[str]] | None:
+    """config.data.tagger -> a tagger: '' = the dataset's own default (None), 'nltk', or a word->tag file."""
+    if not spec:
+        return None
+    if spec == "nltk":
+        return nltk_tagger()
+    return file_tagger(spec)
 
 
 def keyword_filter(words: Sequence[str], tags: Sequence[str]) -> list[str]:
