@@ -65,14 +65,21 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def best_step(self) -> int | None:
-        """The step with the highest validation R1 among kept checkpoints (None if none was evaluated)."""
-        best, best_value = None, None
+    def best(self) -> tuple[int, float] | None:
+        """(step, validation R1) of the kept checkpoint with the highest validation R1; None if none was evaluated.
+
+        The one place that knows which checkpoint is "best" (the trainer tests it, `--mode=eval` restores it).
+        """
+        best = None
         for step in self.manager.all_steps():
             m = self.manager.metrics(step)
-            if m and BEST_METRIC in m and (best_value is None or m[BEST_METRIC] > best_value):
-                best, best_value = step, m[BEST_METRIC]
+            if m and BEST_METRIC in m and (best is None or m[BEST_METRIC] > best[1]):
+                best = (int(step), float(m[BEST_METRIC]))
         return best
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the cluster announced a preemption (Orbax's multi-host sync point): save and stop now."""
+        return bool(self.manager.reached_preemption(step))
 
     def restore(self, step: int, abstract_state) -> Restored:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`)."""

@@ -264,6 +264,90 @@ def _eval_split(config, setup, enc_img, enc_txt, params, mesh, split):
     return eval_lib.evaluate(enc_img, enc_txt, params, gallery, queries, mesh)
 
 
+def epochs_to_steps(epochs: float, spe: int) -> int:
+    """The one unit rule: a cadence or start given in (fractional) epochs, as a step count (0 stays 0)."""
+    return int(round(epochs * spe)) if epochs > 0 else 0
+
+
+def _start(setup, ckpt, abstract, state_sh, tx, rng):
+    """Resume from the latest checkpoint, or a fresh state: (state, start step)."""
+    start = ckpt.latest_step()
+    if start is None:
+        return _fresh_state(setup, tx, state_sh, rng), 0
+    state = ckpt.restore(start, abstract).state
+    best = ckpt.best()
+    logging.info("Resuming from step %d (best val R1 so far: %s)", start, "none" if best is None else f"{best[1]:.2f}")
+    return state, start
+
+
+class _Loop:
+    """The training loop's named pieces: log, evaluate-if-due, check non-finite steps, save-or-stop.
+
+    Cadences are steps (`log.every_steps`, `checkpoint.every_steps`) or epochs (`eval.every_epochs`), turned into
+    steps once by `epochs_to_steps`. "Best" and preemption belong to the Checkpointer.
+    """
+
+    def __init__(self, config, setup, mesh, workdir, writer, ckpt, enc, n_steps, stop_after):
+        self.config, self.setup, self.mesh, self.workdir = config, setup, mesh, workdir
+        self.writer, self.ckpt, self.enc, self.n_steps, self.stop_after = writer, ckpt, enc, n_steps, stop_after
+        self.spe = steps_per_epoch(config, setup.info)
+        self.eval_every = epochs_to_steps(config.eval.every_epochs, self.spe)
+        self.meta = dict(config_name=config.data.name, total_steps=n_steps)
+        self.t_log, self.n_log = time.time(), 0
+
+    def log(self, step, metrics):
+        """Every `log.every_steps` and at the end: train scalars (the only device->host read of metrics)."""
+        self.n_log += 1
+        if step % self.config.log.every_steps and step != self.n_steps:
+            return
+        m = jax.device_get(metrics)
+        dt = time.time() - self.t_log
+        scalars = {f"train/{k}": float(v) for k, v in m.items()}
+        scalars["train/pairs_per_sec"] = self.n_log * self.config.batch_size / max(dt, 1e-9)
+        scalars["train/temperature"] = self.config.model.temperature
+        scalars["train/epoch"] = step / self.spe
+        self.writer.write_scalars(step, scalars)
+        self.t_log, self.n_log = time.time(), 0
+
+    def evaluate_if_due(self, step, params, report) -> float | None:
+        """Validation R1 when an evaluation is due at `step` (every `eval.every_epochs`, and at the end)."""
+        if not self.eval_every or (step % self.eval_every and step != self.n_steps):
+            return None
+        split = self.config.data.val_split
+        with report.timed("eval"):
+            res = _eval_split(self.config, self.setup, *self.enc, params, self.mesh, split)
+        names = ("R1", "R5", "R10", "mAP", "mINP")
+        self.writer.write_scalars(step, {f"eval/{split}/t2i_{_key(k)}": res[k] for k in names})
+        _append_val_curve(self.workdir, step, step / self.spe, res)
+        return res["R1"]
+
+    def check_nonfinite(self, step, metrics):
+        """Called with the previous step's metrics (read after the next step is dispatched, so the device keeps
+        busy): warns on a skipped update, stops after `checkpoint.max_nonfinite_in_row` in a row."""
+        run = int(metrics["nonfinite_run"])
+        if run:
+            logging.warning("Step %d: non-finite loss or gradients, update skipped (%d in a row).", step, run)
+        max_bad = self.config.checkpoint.max_nonfinite_in_row
+        if max_bad and run >= max_bad:
+            self.ckpt.wait()
+            raise NonFiniteLossError(
+                f"{run} non-finite steps in a row (up to step {step}); stopped. The last good checkpoint "
+                f"is step {self.ckpt.latest_step()} in {self.ckpt.directory}. Lower config.optim.lr or check the data."
+            )
+
+    def save_or_stop(self, step, state, val_r1, preempted) -> bool:
+        """Saves when due (an evaluation, `checkpoint.every_steps`, the end) or when stopping; True = stop now."""
+        due = val_r1 is not None or step % self.config.checkpoint.every_steps == 0 or step == self.n_steps
+        stop = preempted or step == self.stop_after or self.ckpt.reached_preemption(step)
+        if due or stop:
+            self.ckpt.save(step, state, dict(self.meta, epoch=step / self.spe), val_r1=val_r1)
+        if stop:
+            self.ckpt.wait()
+            logging.warning("Stopped at step %d on request; rerun the same command to resume.", step)
+            return True
+        return False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
     """Trains, evaluates on validation periodically, tests at the best-validation checkpoint; returns results.
 
@@ -279,8 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
     setup = build(config)
     info = setup.info
-    n_steps = total_steps(config, info)
-    spe = steps_per_epoch(config, info)
+    n_steps, spe = total_steps(config, info), steps_per_epoch(config, info)
     logging.info(
         "Dataset %s: %d train pairs, %d train ids; %d steps/epoch, %d steps",
         config.data.name,
@@ -289,28 +372,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         spe,
         n_steps,
     )
-
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     abstract, state_sh, tx, schedule = _sharded_state(config, setup, mesh, init_rng)
     logging.info(
-        "Optimizer groups:\n%s",
-        optim.describe_groups(abstract["params"], **optim.config_kwargs(config.optim)),
+        "Optimizer groups:\n%s", optim.describe_groups(abstract["params"], **optim.config_kwargs(config.optim))
     )
-
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=config.checkpoint.async_save)
-    best_r1 = -1.0
-    start = ckpt.latest_step()
-    if start is not None:
-        restored = ckpt.restore(start, abstract)
-        state = restored.state
-        best_step = ckpt.best_step()
-        if best_step is not None:
-            best_r1 = float(ckpt.manager.metrics(best_step)[ckpt_lib.BEST_METRIC])
-        logging.info("Resuming from step %d (best val R1 so far %.2f)", start, best_r1)
-    else:
-        state = _fresh_state(setup, tx, state_sh, init_rng)
-        start = 0
+    state, start = _start(setup, ckpt, abstract, state_sh, tx, init_rng)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
     if start == 0:
         hp = {k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
@@ -324,11 +392,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         patch_size=setup.clip_config.patch_size,
         triplet_margin=config.loss.triplet_margin,
         norm_pix=config.loss.norm_pix,
-        start_steps={"triplet": round(config.loss.triplet_start_epochs * steps_per_epoch(config, setup.info))},
+        start_steps={"triplet": epochs_to_steps(config.loss.triplet_start_epochs, spe)},
     )
     train_step = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
-    enc_img, enc_txt = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
-
+    enc = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
     data = pipeline.make_train_iterator(
         config.data,
         setup.tokenizer,
@@ -338,77 +405,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    eval_every = int(round(config.eval.every_epochs * spe)) if config.eval.every_epochs > 0 else 0
     report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=config.log.every_steps)
-    meta = dict(config_name=config.data.name, total_steps=n_steps)
+    loop = _Loop(config, setup, mesh, workdir, writer, ckpt, enc, n_steps, stop_after)
 
-    def save(step, val_r1=None):
-        ckpt.save(step, state, dict(meta, epoch=step / spe), val_r1=val_r1)
-
-    max_bad = config.checkpoint.max_nonfinite_in_row
-    step = start
-    t_log, n_log = time.time(), 0
-    pending = None  # metrics of the previous step, read after the next one is dispatched (keeps the device busy)
+    step, pending = start, None  # pending: the previous step's metrics, read after the next step is dispatched
     with _Preemption() as preempt, jax.set_mesh(mesh), contextlib.closing(data):  # stops the input stream promptly
         while step < n_steps:
             batch = sharding.host_batch_to_global(next(data), mesh)
             state, metrics = train_step(state, batch, step_rng)
             step += 1
-            n_log += 1
             if pending is not None:
-                prev_step, prev = pending
-                run = int(prev["nonfinite_run"])
-                if run:
-                    logging.warning(
-                        "Step %d: non-finite loss or gradients, update skipped (%d in a row).", prev_step, run
-                    )
-                if max_bad and run >= max_bad:
-                    ckpt.wait()
-                    raise NonFiniteLossError(
-                        f"{run} non-finite steps in a row (up to step {prev_step}); stopped. The last good checkpoint "
-                        f"is step {ckpt.latest_step()} in {ckpt.directory}. Lower config.optim.lr or check the data."
-                    )
+                loop.check_nonfinite(*pending)
             pending = (step, metrics)
             report(step)
-            if step % config.log.every_steps == 0 or step == n_steps:
-                m = jax.device_get(metrics)
-                dt = time.time() - t_log
-                scalars = {f"train/{k}": float(v) for k, v in m.items()}
-                scalars["train/pairs_per_sec"] = n_log * config.batch_size / max(dt, 1e-9)
-                scalars["train/temperature"] = config.model.temperature
-                scalars["train/epoch"] = step / spe
-                writer.write_scalars(step, scalars)
-                t_log, n_log = time.time(), 0
-            val_r1 = None
-            if eval_every and (step % eval_every == 0 or step == n_steps):
-                with report.timed("eval"):
-                    res = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, config.data.val_split)
-                writer.write_scalars(
-                    step,
-                    {
-                        f"eval/{config.data.val_split}/t2i_{_key(k)}": v
-                        for k, v in res.items()
-                        if k in ("R1", "R5", "R10", "mAP", "mINP")
-                    },
-                )
-                val_r1 = res["R1"]
-                _append_val_curve(workdir, step, step / spe, res)
-                if val_r1 > best_r1:
-                    best_r1 = val_r1
-            if val_r1 is not None or step % config.checkpoint.every_steps == 0 or step == n_steps:
-                save(step, val_r1)
-            if preempt.requested or step == stop_after or ckpt.manager.reached_preemption(step):
-                if step % config.checkpoint.every_steps and val_r1 is None and step != n_steps:
-                    save(step)
-                ckpt.wait()
-                logging.warning("Stopped at step %d on request; rerun the same command to resume.", step)
+            loop.log(step, metrics)
+            val_r1 = loop.evaluate_if_due(step, state["params"], report)
+            if loop.save_or_stop(step, state, val_r1, preempt.requested):
                 writer.flush()
                 return {"stopped_at_step": step}
     ckpt.wait()
-    if pending is not None and max_bad and int(pending[1]["nonfinite_run"]) >= max_bad:
-        raise NonFiniteLossError(f"The last {int(pending[1]['nonfinite_run'])} steps were non-finite.")
+    if pending is not None:
+        loop.check_nonfinite(*pending)
 
-    results = final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step)
+    results = final_evaluation(config, setup, ckpt, abstract, state, *enc, mesh, step)
     results["nonfinite_steps"] = int(jax.device_get(state["nonfinite_total"]))
     writer.flush()
     ckpt.close()
@@ -438,11 +457,12 @@ def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mes
         last = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test)
         results["test_at_last"] = last
         rows[f"{test} @ last (step {step})"] = last
-        best = ckpt.best_step()
-        if best is not None:
+        best_r1 = ckpt.best()
+        if best_r1 is not None:
+            best, r1 = best_r1
             best_params = state["params"] if best == step else ckpt.restore(best, abstract).state["params"]
-            results["best_step"] = int(best)
-            results["val_at_best"] = {"R1": float(ckpt.manager.metrics(best)[ckpt_lib.BEST_METRIC])}
+            results["best_step"] = best
+            results["val_at_best"] = {"R1": r1}
             res = _eval_split(config, setup, enc_img, enc_txt, best_params, mesh, test)
             results["test_at_best"] = res
             rows[f"{test} @ best val (step {best})"] = res
@@ -461,8 +481,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, which: st
     setup = build(config)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     if step is None:
-        step = ckpt.best_step() if which == "best" else None
-        step = step if step is not None else ckpt.latest_step()
+        best = ckpt.best() if which == "best" else None
+        step = best[0] if best is not None else ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"No checkpoint under {ckpt.directory}; train first (--mode=train).")
     abstract, _, _, _ = _sharded_state(config, setup, mesh, jax.random.key(config.seed))

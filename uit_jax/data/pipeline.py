@@ -324,7 +324,6 @@ def make_train_iterator(
         raise ValueError(f"global_batch {global_batch} is not divisible by process_count {process_count}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    local = global_batch // process_count
     data = data if data is not None else load_split(cfg, "train")
     # Sampler errors surface here rather than inside tf.data's generator thread.
     epoch_order(
@@ -335,12 +334,23 @@ def make_train_iterator(
         seed=seed,
         epoch=0,
     )
+    stop = threading.Event()
+    rows, signature = _row_source(
+        cfg, tokenizer, data, stop, global_batch=global_batch, seed=seed, start_step=start_step,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
+    ds = tf.data.Dataset.from_generator(rows, output_signature=signature)
+    ds = ds.map(_augment_row(cfg, seed, text_lib.mask_token_id(tokenizer)), tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)
+    ds = ds.map(_batch_pixels(cfg), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return TrainIterator(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), stop)
+
+
+def _row_source(cfg, tokenizer, data, stop, *, global_batch, seed, start_step, process_index, process_count):
+    """The sampler's rows for this process as a generator of (position, encoded image, captions, pid, image id),
+    and its tf.data signature. Captions are tokenised once here (full and key-word versions)."""
     ids, content, fids, fcontent = _encode_train_text(cfg, tokenizer, data)
     images, pids, image_ids = data["images"], data["pid"], data["image_id"]
-    mask_id = text_lib.mask_token_id(tokenizer)
-    L = cfg.text_len
-
-    stop = threading.Event()
 
     def rows():
         for pos, idx in stream_rows(
@@ -358,7 +368,8 @@ def make_train_iterator(
             for p, i in zip(pos.tolist(), idx.tolist()):
                 yield p, images[image_ids[i]], ids[i], content[i], fids[i], fcontent[i], pids[i], image_ids[i]
 
-    sig = (
+    L = cfg.text_len
+    signature = (
         tf.TensorSpec((), tf.int64),
         tf.TensorSpec((), tf.string),
         tf.TensorSpec((L,), tf.int32),
@@ -368,6 +379,12 @@ def make_train_iterator(
         tf.TensorSpec((), tf.int32),
         tf.TensorSpec((), tf.int32),
     )
+    return rows, signature
+
+
+def _augment_row(cfg, seed: int, mask_id: int):
+    """Per row, from (run seed, stream position) only: decode + resize, the augmentation parameters, the key-word
+    caption (p cfg.keyword_prob) and SEN's caption masking."""
     size = tuple(cfg.image_size)
     seed_t = tf.constant(seed, tf.int64)
 
@@ -387,20 +404,21 @@ def make_train_iterator(
                 out["mlm_text"], out["mlm_labels"] = masked, labels
         return out
 
-    # XLA fuses the batched pixel work (gathers, normalisation, erasing) into one pass: ~3x less CPU.
+    return one
+
+
+def _batch_pixels(cfg):
+    """The pixel work, batched (flip, pad-crop, normalise, erase): XLA fuses it into one pass, ~3x less CPU than
+    per row."""
+
     @tf.function(jit_compile=True)
     def pixels(b):
-        """The pixel work, batched: few large ops instead of many small ones per row."""
         b = dict(b)
         imgs = augment.flip_pad_crop(b.pop("images"), b.pop("flip"), b.pop("offset"), cfg.crop_pad)
         b["images"] = augment.normalize_erase(imgs, b.pop("erase"), cfg.erasing_fill)
         return b
 
-    ds = tf.data.Dataset.from_generator(rows, output_signature=sig)
-    ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local, drop_remainder=True)
-    ds = ds.map(pixels, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-    return TrainIterator(ds.as_numpy_iterator(), stop)
+    return pixels
 
 
 class TrainIterator:
