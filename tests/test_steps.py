@@ -45,12 +45,7 @@ def _run(mesh, n_steps=2):
     state = steps.init_state(params, tx)
     specs = sharding.param_partition_specs(state, ((".*", "fsdp"),), mesh)
     state_sh = sharding.shardings_for(specs, mesh)
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(
-        steps.make_train_step(loss_fn, tx),
-        in_shardings=(state_sh, sharding.batch_sharding(mesh), repl),
-        out_shardings=(state_sh, repl),
-    )
+    step = steps.jit_train_step(loss_fn, tx, None, state_sh, mesh)  # the trainer's jit: shardings, donation
     state = jax.device_put(state, state_sh)
     batch = sharding.host_batch_to_global(batch_np, mesh)
     losses = []

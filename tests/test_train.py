@@ -55,7 +55,8 @@ def _params(workdir, config, step=None):
 
 def test_end_to_end_writes_results(data_root, tmp_path):
     wd = tmp_path / "run"
-    res = train.train_and_evaluate(tiny_config(data_root), str(wd))
+    config = tiny_config(data_root)
+    res = train.train_and_evaluate(config, str(wd))
     saved = json.loads((wd / "results.json").read_text())
     assert saved["steps"] == 4 and saved["best_step"] == 4
     for key in ("test_at_last", "test_at_best"):
@@ -70,6 +71,17 @@ def test_end_to_end_writes_results(data_root, tmp_path):
     assert [(r["step"], r["epoch"]) for r in curve] == [(4, 1.0)] and 0.0 <= curve[0]["R1"] <= 100.0
     events = [f for f in os.listdir(wd) if f.startswith("events.out.tfevents")]
     assert events, "no TensorBoard summaries written"
+    # --mode=eval restores the best checkpoint and reproduces the test figures
+    ev = train.evaluate_checkpoint(config, str(wd))
+    names = ("R1", "R5", "R10", "mAP", "mINP")
+    assert ev["step"] == 4 and {k: ev["results"]["test @ step 4"][k] for k in names} == {
+        k: saved["test_at_best"][k] for k in names
+    }
+
+
+def test_epochs_to_steps_one_rule():
+    assert train.epochs_to_steps(1.5, 62) == 93 and train.epochs_to_steps(0.0, 62) == 0
+    assert train.epochs_to_steps(0.01, 62) == 1 and train.epochs_to_steps(0.5 / 62, 62) == 0  # rounds to nearest
 
 
 def test_sigterm_then_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch):

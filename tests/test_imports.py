@@ -1,0 +1,28 @@
+"""What runs on accelerator images imports without TensorFlow, tfds, CLU, ml_collections or torch (they have none)."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES = [
+    "uit_jax.models.layers",
+    "uit_jax.models.clip",
+    "uit_jax.models.convert",
+    "uit_jax.models.decoder",
+    "uit_jax.models.uit",
+    "uit_jax.losses",
+    "uit_jax.metrics",
+    "uit_jax.optim",
+    "uit_jax.sharding",
+    "uit_jax.steps",
+    "uit_jax.checkpoint",
+    "uit_jax.evaluate",
+]
+ABSENT = ["tensorflow", "tensorflow_datasets", "clu", "ml_collections", "torch"]
+
+
+def test_train_step_modules_import_without_tensorflow_clu_ml_collections_or_torch():
+    code = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in ABSENT)
+    code += "".join(f"import {m}\n" for m in MODULES)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
