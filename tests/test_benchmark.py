@@ -1,0 +1,16 @@
+"""tools/benchmark.py runs (tiny preset) and reports its figures."""
+
+from tools import benchmark
+
+
+def test_benchmark_reports_step_time_and_flops(tmp_path):
+    out = benchmark.main(
+        ["--preset=tiny", "--image_size=32,16", "--text_len=12", "--batch=8", "--num_classes=5", "--steps=2",
+         "--dtype=float32", f"--out={tmp_path / 'b.json'}"]
+    )  # fmt: skip
+    assert out["pairs_per_s"] > 0 and out["step_s_min"] <= out["step_s_median"] <= out["step_s_max"]
+    assert out["gflops_per_pair"] > 0 and out["params_millions"] > 0 and out["num_devices"] == 8
+    assert (tmp_path / "b.json").read_text().startswith("{")
+    align = benchmark.main(["--preset=tiny", "--image_size=32,16", "--text_len=12", "--batch=8", "--num_classes=5",
+                            "--steps=1", "--dtype=float32", "--objectives=align"])  # fmt: skip
+    assert align["gflops_per_pair"] < out["gflops_per_pair"]  # no restoration pass
