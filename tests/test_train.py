@@ -79,6 +79,12 @@ def test_end_to_end_writes_results(data_root, tmp_path):
     }
 
 
+def test_eval_without_a_checkpoint_is_one_clear_error_and_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint under .*; train first"):
+        train.evaluate_checkpoint(tiny_config(tmp_path), str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists() and not (tmp_path / "raw").exists()
+
+
 def test_epochs_to_steps_one_rule():
     assert train.epochs_to_steps(1.5, 62) == 93 and train.epochs_to_steps(0.0, 62) == 0
     assert train.epochs_to_steps(0.01, 62) == 1 and train.epochs_to_steps(0.5 / 62, 62) == 0  # rounds to nearest

@@ -476,6 +476,10 @@ def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mes
 def evaluate_checkpoint(config, workdir: str, step: int | None = None, which: str = "best") -> dict:
     """`--mode=eval`: restores a checkpoint (best by validation, latest, or `step`) and evaluates val and test."""
     workdir = os.path.abspath(workdir)
+    ck_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ck_dir) or not any(name.isdigit() for name in os.listdir(ck_dir)):
+        # Before anything is built or created (an Orbax manager would create the folder).
+        raise FileNotFoundError(f"No checkpoint under {ck_dir}; train first (--mode=train) or fix --workdir.")
     mesh = sharding.make_mesh(dict(config.mesh))
     validate_config(config, mesh.size)
     setup = build(config)

@@ -223,6 +223,27 @@ def test_prepare_rejects_a_stale_synthetic_folder(tiny, tmp_path):
     assert os.path.dirname(pipeline.synthetic_dir(cfg)) == str(tmp_path) and pipeline.synthetic_dir(cfg) != root
 
 
+def test_synthetic_generation_is_atomic(tiny, tmp_path, monkeypatch):
+    """A generation killed mid-way leaves no set (only a .partial folder, removed by the next run)."""
+    cfg = tiny[0].copy_and_resolve_references()
+    cfg.manual_dir, cfg.data_dir = str(tmp_path), str(tmp_path / "tfds")
+    root = pipeline.synthetic_dir(cfg)
+    real = synthetic.generate
+
+    def killed(out_dir, spec):
+        real(out_dir, spec)
+        raise KeyboardInterrupt  # after the images, before the tokenizer and the rename
+
+    monkeypatch.setattr(synthetic, "generate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.prepare(cfg)
+    assert not os.path.exists(root) and os.path.isdir(root + ".partial")
+    monkeypatch.setattr(synthetic, "generate", real)
+    info = pipeline.prepare(cfg)
+    assert info.num_train_pairs > 0 and not os.path.exists(root + ".partial")
+    assert os.path.isfile(os.path.join(root, "tokenizer", "tokenizer.json"))
+
+
 _PREPARE = """
 import sys
 sys.path.insert(0, {repo!r})

@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -79,25 +80,38 @@ def synthetic_dir(cfg) -> str:
 
 
 def _ensure_synthetic(cfg):
+    """Generates the synthetic set (and its tokenizer) if absent; returns its tokenizer folder.
+
+    Atomic: written to a temporary sibling folder, then renamed, so a run killed mid-way leaves no half-written
+    set behind (the next run removes the leftover and starts again). Callers hold the prepare lock.
+    """
     root = synthetic_dir(cfg)
     want = _spec(cfg)
     have = synth_lib.read_spec(root)
     if have is None:
-        if os.path.exists(os.path.join(root, "reid_raw.json")):
+        if os.path.exists(root):
             raise ValueError(
-                f"{root} holds a reid_raw.json but no {synth_lib.SPEC_FILE}: not a complete synthetic set "
-                "written by uit_jax (an interrupted generation?). Delete the folder; it is regenerated."
+                f"{root} exists but holds no complete synthetic set written by uit_jax (no {synth_lib.SPEC_FILE}). "
+                "Delete the folder; it is regenerated."
             )
+        tmp = root + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed generation
         log.info("generating the synthetic set %s in %s", want, root)
-        synth_lib.generate(root, want)
+        synth_lib.generate(tmp, want)
+        tok_lib.write_bpe_tokenizer(synth_lib.VOCABULARY, os.path.join(tmp, "tokenizer"))
+        os.rename(tmp, root)
     elif have != want:
         raise ValueError(
             f"{root} holds a synthetic set generated with {have}, but the config asks for {want}. "
             "Delete the folder (it is regenerated) or set data.manual_dir to another one."
         )
     tok_dir = os.path.join(root, "tokenizer")
-    if not os.path.isdir(tok_dir):
-        tok_lib.write_bpe_tokenizer(synth_lib.VOCABULARY, tok_dir)
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):  # a set generated before the tokenizer was
+        tmp = tok_dir + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok_lib.write_bpe_tokenizer(synth_lib.VOCABULARY, tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        os.rename(tmp, tok_dir)
     return tok_dir
 
 
