@@ -140,6 +140,21 @@ def test_missing_and_unreadable_images_all_listed(tmp_path):
     assert "does not exist" in msg and "unreadable" in msg and "train/1_0.jpg" in msg
 
 
+def test_truncated_jpeg_is_listed_at_build(tmp_path):
+    """A JPEG cut short passes PIL's verify() (it reads no pixel data) but not the build's full decode."""
+
+    def mutate(root, annos):
+        for k in (1, 3):
+            path = root / "imgs" / annos[k]["file_path"]
+            Image.fromarray(np.random.default_rng(k).integers(0, 255, (96, 48, 3), dtype=np.uint8)).save(path)
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        return None
+
+    msg = _error(tmp_path, mutate)
+    assert "2 problem(s)" in msg and "entry 1" in msg and "entry 3" in msg and "unreadable" in msg
+
+
 def test_malformed_entries_all_listed(tmp_path):
     def mutate(root, annos):
         annos[0]["id"] = "x7"

@@ -112,9 +112,9 @@ def read_annotations(
         if not os.path.isfile(path):
             problems.append(f"{where}: field {path_key!r}: image {path} does not exist")
         elif check_images:
-            try:
+            try:  # decode fully: Image.verify() does not read JPEG data, so a truncated file would pass it
                 with Image.open(path) as im:
-                    im.verify()
+                    im.load()
             except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
                 problems.append(f"{where}: field {path_key!r}: image {path} is unreadable ({e})")
         if a["split"] in out and orig_id is not None and kept:
