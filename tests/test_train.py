@@ -85,6 +85,25 @@ def test_eval_without_a_checkpoint_is_one_clear_error_and_creates_nothing(tmp_pa
     assert not (tmp_path / "wd").exists() and not (tmp_path / "raw").exists()
 
 
+def test_one_run_per_workdir(tmp_path, caplog):
+    import fcntl
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    with open(wd / ".lock", "w") as holder:  # a live run holds the lock
+        holder.write("host h1, pid 123, since 2026-11-27 10:00:00\n")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(train.WorkdirInUseError, match=r"in use by another run \(host h1, pid 123, since 2026"):
+            train.train_and_evaluate(tiny_config(tmp_path), str(wd))
+    assert not (tmp_path / "raw").exists(), "the refused run did dataset work"
+    # The holder died (the kernel dropped its lock) and left its file: taken over, with a warning.
+    with train._WorkdirLock(str(wd)):
+        assert f"pid {os.getpid()}," in (wd / ".lock").read_text()
+        assert "stale workdir lock (host h1, pid 123" in caplog.text
+    assert (wd / ".lock").read_text() == ""  # a clean exit leaves no holder
+
+
 def test_epochs_to_steps_one_rule():
     assert train.epochs_to_steps(1.5, 62) == 93 and train.epochs_to_steps(0.0, 62) == 0
     assert train.epochs_to_steps(0.01, 62) == 1 and train.epochs_to_steps(0.5 / 62, 62) == 0  # rounds to nearest

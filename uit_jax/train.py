@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -192,6 +194,55 @@ def init_params(setup: Setup, rng) -> Any:
     return setup.model.init({"params": rng, "dropout": rng}, images, text, rng=rng, mlm_text=mlm_text)["params"]
 
 
+class WorkdirInUseError(RuntimeError):
+    pass
+
+
+class _WorkdirLock:
+    """One training run per workdir: an exclusive `flock` on WORKDIR/.lock, held for the whole run (process 0).
+
+    The kernel releases the lock when its holder dies, so a lock file left by a killed run (a stale lock) is taken
+    over, with a warning naming the dead holder; a live holder makes a second run refuse at once, naming it.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._f = None
+
+    def __enter__(self):
+        if jax.process_index() != 0:
+            return self
+        f = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown holder"
+            f.close()
+            raise WorkdirInUseError(
+                f"{os.path.dirname(self.path)} is in use by another run ({holder}); wait for it to finish, stop it, "
+                "or choose another --workdir."
+            ) from None
+        f.seek(0)
+        old = f.read().strip()
+        if old:
+            logging.warning("Taking over a stale workdir lock (%s): that run is gone.", old)
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._f is not None:
+            self._f.seek(0)
+            self._f.truncate()  # a clean exit leaves no holder behind
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks once per step (then it saves and exits cleanly)."""
 
@@ -353,12 +404,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
     Rerunning with the same workdir resumes from the latest checkpoint. `stop_after` ends this run (with a
     checkpoint) once that many steps are done, as a preemption would: for job schedulers with time limits.
+    One run per workdir: a second one refuses at once (WorkdirInUseError), naming the first.
     """
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(dict(config.mesh))
     validate_config(config, mesh.size)
     sharding.check_batch_divisible(config.batch_size, mesh)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with _WorkdirLock(workdir):
+        return _train(config, workdir, mesh, stop_after)
+
+
+def _train(config, workdir, mesh, stop_after) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
     setup = build(config)
