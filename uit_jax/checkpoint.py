@@ -5,8 +5,14 @@ by validation R1 (for the final test). Orbax's `max_to_keep` together with `best
 checkpoint (docs/design.md), so preservation is `AnyPreservationPolicy([LatestN(1), BestN(1)])`.
 
 Each checkpoint has two items: `state` (the sharded pytree, restored into an abstract state that carries shapes,
-dtypes and shardings, so every process reads only its shards) and `meta` (JSON: the config name, total steps, epoch
-and the validation R1 of that step).
+dtypes and shardings, so every process reads only its shards) and `meta` (JSON: the config name, total steps, epoch,
+the validation R1 of that step, and a fingerprint of the state).
+
+Trust: the fingerprint (per leaf, a weighted sum of its raw bits as uint32, modulo 2^32: exact and independent of the
+reduction order) is taken on the device when saving and checked after every restore, so bytes changed on disk are
+caught even where Orbax reads them without complaint. A state whose parameters are not all finite is never saved
+(the newest checkpoint on disk stays a good one). `restore_latest_intact` resumes from the newest checkpoint that
+restores and checks out, moving damaged ones aside (`N.damaged`) with a warning naming the step and the damage.
 """
 
 from __future__ import annotations
@@ -15,10 +21,50 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
 BEST_METRIC = "val_r1"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@jax.jit
+def _fingerprint(tree):
+    """Per leaf: sum_i mix(bits_i) * w_i (mod 2^32) over its elements' raw bits as uint32, w_i odd weights.
+
+    Exact integer arithmetic, so independent of the reduction order; `mix` is a bijection and the weights are
+    odd, so any change to a single element changes the sum.
+    """
+
+    def one(x):
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+            u = x.astype(jnp.uint32)
+        elif x.dtype.itemsize == 2:
+            u = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        else:  # 4 bytes: one uint32 word per element; 8 bytes: two
+            u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        u = u.reshape(-1) * jnp.uint32(0x9E3779B1)  # a bijective mix (odd multiply, xorshift) of each word,
+        u = u ^ (u >> 15)  # so that a float's low-entropy bit patterns do not vanish modulo 2^32
+        w = jnp.arange(u.shape[0], dtype=jnp.uint32) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+        return jnp.sum(u * w, dtype=jnp.uint32)
+
+    return [one(x) for x in jax.tree.leaves(tree)]
+
+
+@jax.jit
+def _all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def fingerprint(tree) -> list[int]:
+    return [int(v) for v in jax.device_get(_fingerprint(tree))]
 
 
 @dataclasses.dataclass
@@ -52,9 +98,23 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def save(self, step: int, state, meta: dict, *, val_r1: float | None = None, force: bool = True) -> bool:
-        """Saves asynchronously; `val_r1` marks the checkpoint as a candidate for `best`."""
+        """Saves asynchronously; `val_r1` marks the checkpoint as a candidate for `best`.
+
+        Refuses (warns, returns False) when the parameters are not all finite: such a checkpoint would replace the
+        last good one under the keep-latest retention.
+        """
+        params = state["params"] if isinstance(state, dict) and "params" in state else state
+        if not bool(jax.device_get(_all_finite(params))):
+            logging.warning(
+                "Step %d: the parameters are not all finite; not saving it (the last good checkpoint, step %s, is "
+                "kept).",
+                step,
+                self.latest_step(),
+            )
+            return False
         metrics = None if val_r1 is None else {BEST_METRIC: float(val_r1)}
         meta = dict(meta, step=int(step), **({BEST_METRIC: float(val_r1)} if val_r1 is not None else {}))
+        meta["fingerprint"] = fingerprint(state)
         return self.manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -72,7 +132,10 @@ class Checkpointer:
         """
         best = None
         for step in self.manager.all_steps():
-            m = self.manager.metrics(step)
+            try:
+                m = self.manager.metrics(step)
+            except Exception:  # noqa: BLE001 - a damaged checkpoint's metrics: it cannot be the best
+                continue
             if m and BEST_METRIC in m and (best is None or m[BEST_METRIC] > best[1]):
                 best = (int(step), float(m[BEST_METRIC]))
         return best
@@ -82,13 +145,60 @@ class Checkpointer:
         return bool(self.manager.reached_preemption(step))
 
     def restore(self, step: int, abstract_state) -> Restored:
-        """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`)."""
+        """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`), and
+        checks its fingerprint; raises CheckpointError when it does not match what was written."""
         out = self.manager.restore(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
         )
+        meta = dict(out["meta"] or {})
+        want = meta.get("fingerprint")
+        if want is not None:
+            got = fingerprint(out["state"])
+            bad = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b]
+            if bad:
+                raise CheckpointError(
+                    f"checkpoint step {step}: {len(bad)} of {len(got)} arrays differ from what was written "
+                    "(checksum mismatch: the files were changed or corrupted on disk)"
+                )
         logging.info("Restored checkpoint %d from %s", step, self.directory)
-        return Restored(state=out["state"], step=int(step), meta=dict(out["meta"] or {}))
+        return Restored(state=out["state"], step=int(step), meta=meta)
+
+    def restore_latest_intact(self, abstract_state) -> Restored | None:
+        """The newest checkpoint that restores and checks out; None when there is none at all.
+
+        A damaged one (unreadable, truncated, missing files, checksum mismatch) is reported with its step and the
+        damage, moved aside to `N.damaged` (so new saves and retention work as before), and the next older one is
+        tried. Raises CheckpointError, listing each, when checkpoints exist but none is intact.
+        """
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - Orbax/tensorstore/json raise many types for damaged files
+                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+                damaged.append(f"step {step}: {why}")
+                logging.warning(
+                    "Checkpoint step %d in %s is damaged (%s); trying an older one.", step, self.directory, why
+                )
+                self._set_aside(step)
+        if damaged:
+            raise CheckpointError(
+                f"No intact checkpoint in {self.directory}; each was damaged:\n  " + "\n  ".join(damaged) + "\n"
+                "Delete the folder to start over (the damaged ones were kept as N.damaged)."
+            )
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = f"{src}.damaged"
+            n = 1
+            while os.path.exists(dst):
+                dst, n = f"{src}.damaged{n}", n + 1
+            if os.path.exists(src):
+                os.rename(src, dst)
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()

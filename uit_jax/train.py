@@ -321,14 +321,16 @@ def epochs_to_steps(epochs: float, spe: int) -> int:
 
 
 def _start(setup, ckpt, abstract, state_sh, tx, rng):
-    """Resume from the latest checkpoint, or a fresh state: (state, start step)."""
-    start = ckpt.latest_step()
-    if start is None:
+    """Resume from the newest intact checkpoint (damaged ones are reported and set aside), or a fresh state:
+    (state, start step)."""
+    restored = ckpt.restore_latest_intact(abstract)
+    if restored is None:
         return _fresh_state(setup, tx, state_sh, rng), 0
-    state = ckpt.restore(start, abstract).state
     best = ckpt.best()
-    logging.info("Resuming from step %d (best val R1 so far: %s)", start, "none" if best is None else f"{best[1]:.2f}")
-    return state, start
+    logging.info(
+        "Resuming from step %d (best val R1 so far: %s)", restored.step, "none" if best is None else f"{best[1]:.2f}"
+    )
+    return restored.state, restored.step
 
 
 class _Loop:
