@@ -147,3 +147,22 @@ def test_fingerprint_sees_any_single_change():
         bits.view(np.uint8 if bits.dtype.itemsize == 1 else f"u{bits.dtype.itemsize}")[idx] ^= 1  # one bit
         y[key] = jnp.asarray(bits)
         assert ckpt_lib.fingerprint(y) != base, key
+
+
+def test_disk_errors_are_one_sentence_naming_step_folder_and_last_good(tmp_path, monkeypatch):
+    import errno
+
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(1, _random_state(1), {})
+
+    def no_space(*a, **k):
+        raise RuntimeError("async save failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "save", no_space)
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        ckpt.save(2, _random_state(2), {})
+    msg = str(e.value)
+    assert msg.startswith("No space left on device while saving checkpoint step 2 to ")
+    assert "the last good checkpoint is step 1" in msg and str(tmp_path / "ck") in msg
+    monkeypatch.undo()
+    ckpt.close()

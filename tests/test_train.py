@@ -194,3 +194,24 @@ def test_wrong_weights_fail_before_any_dataset_work(tmp_path):
     with pytest.raises(Exception, match="clip"):
         train.train_and_evaluate(config, str(tmp_path / "wd"))
     assert not (tmp_path / "raw").exists(), "the dataset was generated before the weights were loaded"
+
+
+def test_cli_fatal_error_is_one_message_and_a_prompt_exit(tmp_path):
+    """`--mode=eval` with no checkpoint: rc 1, the message first, no second traceback, nothing created."""
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "uit_jax.main", "--config=configs/synthetic.py:tiny", f"--workdir={tmp_path / 'wd'}",
+         "--mode=eval"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "UIT_DATA_ROOT": str(tmp_path / "data"), "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Fatal: FileNotFoundError: No checkpoint under" in p.stderr
+    assert "cannot schedule new futures" not in p.stderr and p.stderr.count("Traceback") <= 1
+    assert not (tmp_path / "wd").exists() and not (tmp_path / "data").exists()
+    assert time.time() - t0 < 60

@@ -63,6 +63,17 @@ def _all_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception (Orbax and CLU re-raise a background thread's error wrapped)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def fingerprint(tree) -> list[int]:
     return [int(v) for v in jax.device_get(_fingerprint(tree))]
 
@@ -115,12 +126,16 @@ class Checkpointer:
         metrics = None if val_r1 is None else {BEST_METRIC: float(val_r1)}
         meta = dict(meta, step=int(step), **({BEST_METRIC: float(val_r1)} if val_r1 is not None else {}))
         meta["fingerprint"] = fingerprint(state)
-        return self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=force,
-        )
+        last_good = self.latest_step()
+        try:
+            return self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=force,
+            )
+        except Exception as e:
+            raise self._io_error(e, step, last_good) from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -200,8 +215,26 @@ class Checkpointer:
                 os.rename(src, dst)
         self.manager.reload()
 
+    def _io_error(self, e: BaseException, step, last_good) -> BaseException:
+        """A disk error while saving, said in one sentence (what, where, what is still safe); other errors as is."""
+        err = _os_error(e)
+        if err is None:
+            return e
+        what = {28: "No space left on device", 13: "Permission denied", 30: "Read-only file system"}.get(
+            err.errno, err.strerror or type(err).__name__
+        )
+        return CheckpointError(
+            f"{what} while saving checkpoint step {step if step is not None else '(pending)'} to {self.directory}; "
+            f"the last good checkpoint is {'step ' + str(last_good) if last_good is not None else 'none'}. "
+            "Free space or fix permissions, then rerun the same command to resume."
+        )
+
     def wait(self):
-        self.manager.wait_until_finished()
+        last_good = self.latest_step()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._io_error(e, None, last_good) from e
 
     def close(self):
         self.manager.wait_until_finished()

@@ -77,10 +77,34 @@ def main(argv):
     from uit_jax import train
 
     config = _CONFIG.value
-    if _MODE.value == "train":
-        train.train_and_evaluate(config, _WORKDIR.value)
-    else:
-        train.evaluate_checkpoint(config, _WORKDIR.value, step=_EVAL_STEP.value)
+    try:
+        if _MODE.value == "train":
+            train.train_and_evaluate(config, _WORKDIR.value)
+        else:
+            train.evaluate_checkpoint(config, _WORKDIR.value, step=_EVAL_STEP.value)
+    except Exception as e:  # noqa: BLE001 - every fatal error: one clear message, then a prompt exit
+        _fatal(e)
+
+
+def _describe(e: BaseException) -> str:
+    """The error a user should read: a background thread's error re-raised by CLU or Orbax is unwrapped."""
+    while type(e).__name__ == "AsyncError" and e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
+
+
+def _fatal(e: BaseException) -> None:
+    """Logs the error (message first, traceback after) and exits with status 1 at once.
+
+    A plain raise would let Python wait at exit for Orbax's and CLU's background threads, which can hang for
+    minutes after a failed save; os._exit does not wait. Nothing is lost: checkpoints are finalised or discarded
+    atomically by Orbax, and the logs are flushed first.
+    """
+    logging.error("Fatal: %s", _describe(e), exc_info=e)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def run():
