@@ -109,5 +109,6 @@ def test_synthetic_default_fine_tunes_the_shipped_model_with_the_paper_recipe():
     assert c.optim.lr_rules == common.LR_RULES and c.optim.weight_decay == paper.optim.weight_decay
     assert (c.data.erasing_prob, c.data.mlm_masking, c.data.keyword_prob) == (0.5, True, 0.2)
     assert c.model.drop_ratio == 0.7 and c.model.decoder_layers == 4
+    assert c.batch_size == paper.batch_size == 128 and c.optim.no_decay_rules == paper.optim.no_decay_rules
     scratch = synthetic.get_config("scratch")
     assert scratch.model_init == "" and scratch.model.preset == "mini" and scratch.model.temperature == 0.1
