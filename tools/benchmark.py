@@ -165,7 +165,7 @@ def report(args, built, timed) -> dict:
         step_s_min=round(min(times), 5),
         step_s_max=round(max(times), 5),
         pairs_per_s=round(args.batch / med, 1),
-        gflops_per_pair=round(flops_per_step / args.batch / 1e9, 2) if flops else None,
+        gflops_per_pair=round(flops_per_step / args.batch / 1e9, 4) if flops else None,
         tflops_per_s=round(flops_per_step / med / 1e12, 2) if flops else None,
         mfu=round(flops_per_step / med / (peak * 1e12 * mesh.size), 4) if (flops and peak) else None,
         temp_mib=round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
