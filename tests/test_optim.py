@@ -59,19 +59,20 @@ def test_multipliers_and_mask():
     assert {k: (mult[k], bool(mask[k])) for k in mult} == EXPECTED
 
 
+def sen(name):
+    """SEN's if-chain (solver/build.py) on a parameter name: (lr factor, weight decay applies)."""
+    lr, wd = 1.0, True
+    if "cross" in name:
+        lr = 5.0
+    if "bias" in name:
+        lr, wd = 2.0, False
+    if "classifier" in name or "mlm_head" in name:
+        lr = 5.0
+    return lr, wd
+
+
 def test_sen_grouping_reproduced_by_explicit_rules():
     """SEN's if-chain (cross x5; bias x2, no decay; classifier/mlm_head x5) on torch-style names."""
-
-    def sen(name):
-        lr, wd = 1.0, True
-        if "cross" in name:
-            lr = 5.0
-        if "bias" in name:
-            lr, wd = 2.0, False
-        if "classifier" in name or "mlm_head" in name:
-            lr = 5.0
-        return lr, wd
-
     names = [
         "classifier/kernel",
         "classifier/bias",
@@ -257,17 +258,6 @@ def test_config_groups_for_vit_b16_follow_sen():
     params = params["params"]
     kw = optim.config_kwargs(config.optim)
     print("\n" + optim.describe_groups(params, **kw))  # pytest -s shows the groups
-
-    def sen(name):
-        lr, decay = 1.0, True
-        if "cross" in name:
-            lr = 5.0
-        if "bias" in name:
-            lr, decay = 2.0, False
-        if "classifier" in name or "mlm_head" in name:
-            lr = 5.0
-        return lr, decay
-
     decoder = dict(ln_img="norm_1", ln_txt="norm_2", embed="decoder_embed", ln_q="norm_4", ln_cross="norm_6")
     decoder.update(cross_attn="cross_attn_Text", ln_post="norm_7", pred="decoder_pred")
 
