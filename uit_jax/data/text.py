@@ -69,14 +69,15 @@ def nltk_tagger() -> Callable[[list[str]], list[str]]:
     return lambda words: [t for _, t in tagger.tag(list(words))]
 
 
-def lexicon_tagger(tags: dict[str, str]) -> Callable[[list[str]], list[str]]:
-    """A tagger from a word -> tag table (the synthetic set's, or a test's); unknown words are an error."""
+def lexicon_tagger(tags: dict[str, str], default: str | None = None) -> Callable[[list[str]], list[str]]:
+    """A tagger from a word -> tag table (lower-case keys); an unknown word gets `default`, or is an error (None)."""
 
     def tag(words):
-        missing = sorted({w for w in words if w.lower() not in tags})
-        if missing:
-            raise KeyError(f"words without a POS tag in the lexicon: {missing}")
-        return [tags[w.lower()] for w in words]
+        if default is None:
+            missing = sorted({w for w in words if w.lower() not in tags})
+            if missing:
+                raise KeyError(f"words without a POS tag in the lexicon: {missing}")
+        return [tags.get(w.lower(), default) for w in words]
 
     return tag
 
@@ -110,8 +111,7 @@ def file_tagger(path: str) -> Callable[[list[str]], list[str]]:
             table[parts[0].strip()] = parts[1].strip()
     if not table or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
         raise ValueError(f"{path}: expected a non-empty word -> tag table of strings.")
-    table = {k.lower(): v for k, v in table.items()}
-    return lambda words: [table.get(w.lower(), "X") for w in words]
+    return lexicon_tagger({k.lower(): v for k, v in table.items()}, default="X")
 
 
 def make_tagger(spec: str) -> Callable[[list[str]], list[str]] | None:
