@@ -78,6 +78,67 @@ def fingerprint(tree) -> list[int]:
     return [int(v) for v in jax.device_get(_fingerprint(tree))]
 
 
+def _check_fingerprint(step, state, meta: dict) -> None:
+    want = meta.get("fingerprint")
+    if want is None:
+        return
+    got = fingerprint(state)
+    bad = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint step {step}: {len(bad)} of {len(got)} arrays differ from what was written "
+            "(checksum mismatch: the files were changed or corrupted on disk)"
+        )
+
+
+def read_state(directory: str, which: str | int = "best") -> Restored:
+    """Reads a checkpoint without knowing the model: `which` is 'best' (by validation R1), 'latest' or a step.
+
+    For export and search: opens the folder read-only (creates and deletes nothing), restores the state as
+    single-device arrays in the shapes it was written with (any mesh it was trained on), and checks its
+    fingerprint. Raises FileNotFoundError when there is no such checkpoint.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoint folder {directory}; train first, or fix the workdir.")
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    )
+    try:
+        steps = sorted(int(s) for s in manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {directory}; train first, or fix the workdir.")
+        if which == "latest":
+            step = steps[-1]
+        elif which == "best":
+            scored = []
+            for s in steps:
+                try:
+                    m = manager.metrics(s) or {}
+                except Exception:  # noqa: BLE001 - a damaged checkpoint's metrics: not a candidate
+                    m = {}
+                if BEST_METRIC in m:
+                    scored.append((m[BEST_METRIC], s))
+            step = max(scored)[1] if scored else steps[-1]
+        else:
+            step = int(which)
+            if step not in steps:
+                raise FileNotFoundError(f"No checkpoint step {step} in {directory}; there are steps {steps}.")
+        tree = manager.item_metadata(step)["state"]
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), tree)
+        out = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        meta = dict(out["meta"] or {})
+        _check_fingerprint(step, out["state"], meta)
+        return Restored(state=out["state"], step=step, meta=meta)
+    finally:
+        manager.close()
+
+
 @dataclasses.dataclass
 class Restored:
     state: Any
@@ -167,15 +228,7 @@ class Checkpointer:
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
         )
         meta = dict(out["meta"] or {})
-        want = meta.get("fingerprint")
-        if want is not None:
-            got = fingerprint(out["state"])
-            bad = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b]
-            if bad:
-                raise CheckpointError(
-                    f"checkpoint step {step}: {len(bad)} of {len(got)} arrays differ from what was written "
-                    "(checksum mismatch: the files were changed or corrupted on disk)"
-                )
+        _check_fingerprint(step, out["state"], meta)
         logging.info("Restored checkpoint %d from %s", step, self.directory)
         return Restored(state=out["state"], step=int(step), meta=meta)
 

@@ -34,13 +34,19 @@ def embed(fn: Callable, params, batches: Iterable[dict], key: str, mesh) -> tupl
     return np.concatenate(zs), np.concatenate(pids)
 
 
-def evaluate(encode_images, encode_texts, params, gallery: Iterable[dict], queries: Iterable[dict], mesh) -> dict:
-    """Returns {'R1','R5','R10','mAP','mINP','num_queries','num_gallery','seconds'} for text-to-image retrieval."""
+def evaluate(
+    encode_images, encode_texts, params, gallery: Iterable[dict], queries: Iterable[dict], mesh, *, keep=None
+) -> dict:
+    """Returns {'R1','R5','R10','mAP','mINP','num_queries','num_gallery','seconds'} for text-to-image retrieval.
+
+    With `keep` (a dict), also stores there the similarity (Q, G) and the query and gallery pids, for reports."""
     t0 = time.time()
     z_img, g_pid = embed(encode_images, params, gallery, "images", mesh)
     z_txt, q_pid = embed(encode_texts, params, queries, "text", mesh)
     sim = z_txt @ z_img.T  # (Q, G) cosine similarity: both sides are unit-norm.
     out = metrics_lib.retrieval_metrics(sim, q_pid, g_pid)
+    if keep is not None:
+        keep.update(similarity=sim, query_pids=q_pid, gallery_pids=g_pid)
     out = {k: float(v) for k, v in out.items()}
     out.update(num_queries=int(len(q_pid)), num_gallery=int(len(g_pid)), seconds=time.time() - t0)
     logging.info("Evaluated %d queries against %d images in %.1fs", len(q_pid), len(g_pid), out["seconds"])

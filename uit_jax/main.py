@@ -19,7 +19,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/cuhk.py[:vit-l14].", lock_config=True
+    "config",
+    None,
+    "Config file, e.g. configs/cuhk.py[:vit-l14]. Optional with --mode=eval: the run's WORKDIR/config.json is used.",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results.json go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval.")
@@ -30,7 +33,7 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes for ja
 _PID = flags.DEFINE_integer("process_id", None, "This process's index for jax.distributed.")
 _LIB_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of orbax, tfds, jax (hidden by default).")
 
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def _hide_accelerators_from_tf():
@@ -76,14 +79,34 @@ def main(argv):
     )
     from uit_jax import train
 
-    config = _CONFIG.value
     try:
+        config = _config()
         if _MODE.value == "train":
             train.train_and_evaluate(config, _WORKDIR.value)
         else:
             train.evaluate_checkpoint(config, _WORKDIR.value, step=_EVAL_STEP.value)
     except Exception as e:  # noqa: BLE001 - every fatal error: one clear message, then a prompt exit
         _fatal(e)
+
+
+def _config():
+    """--config, or with --mode=eval and no --config, the config the run stored in WORKDIR/config.json."""
+    if _CONFIG.value is not None:
+        return _CONFIG.value
+    if _MODE.value == "train":
+        raise app.UsageError("--config is required for training (e.g. --config=configs/synthetic.py).")
+    import ml_collections
+
+    from uit_jax import rundir
+
+    stored = rundir.read_config(_WORKDIR.value)
+    if stored is None:
+        raise FileNotFoundError(
+            f"{os.path.join(_WORKDIR.value, rundir.CONFIG_FILE)} does not exist: pass --config (runs trained before "
+            "config.json was written need it), or fix --workdir."
+        )
+    logging.info("Using the config stored in %s", os.path.join(_WORKDIR.value, rundir.CONFIG_FILE))
+    return ml_collections.ConfigDict(stored)
 
 
 def _describe(e: BaseException) -> str:

@@ -25,7 +25,8 @@ from clu import metric_writers, periodic_actions
 
 from uit_jax import checkpoint as ckpt_lib
 from uit_jax import evaluate as eval_lib
-from uit_jax import optim, sharding, steps
+from uit_jax import optim, rundir, sharding, steps
+from uit_jax import report as report_lib
 from uit_jax.data import defaults as data_defaults
 from uit_jax.data import pipeline
 from uit_jax.data import tokenizer as tok_lib
@@ -303,7 +304,9 @@ def _fresh_state(setup, tx, state_sh, rng):
     return init(params)
 
 
-def _eval_split(config, setup, enc_img, enc_txt, params, mesh, split):
+def _eval_split(config, setup, enc_img, enc_txt, params, mesh, split, details: bool = False):
+    """Metrics of `split`; with details, (metrics, per-query rankings, gallery path -> encoded image)."""
+    data = pipeline.load_split(config.data, split)
     gallery, queries = pipeline.make_eval_iterators(
         config.data,
         setup.tokenizer,
@@ -311,8 +314,17 @@ def _eval_split(config, setup, enc_img, enc_txt, params, mesh, split):
         batch_size=config.eval.batch_size // jax.process_count(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        data=data,
     )
-    return eval_lib.evaluate(enc_img, enc_txt, params, gallery, queries, mesh)
+    keep = {} if details else None
+    res = eval_lib.evaluate(enc_img, enc_txt, params, gallery, queries, mesh, keep=keep)
+    if not details:
+        return res
+    first = np.unique(data["image_id"], return_index=True)[1]  # the gallery order of make_eval_iterators
+    paths = [str(p) for p in data["file_path"][first]]
+    ranked = report_lib.rankings(keep["similarity"], keep["query_pids"], keep["gallery_pids"], data["caption"], paths)
+    by_path = dict(zip(paths, (data["images"][i] for i in data["image_id"][first]), strict=True))
+    return res, ranked, by_path.__getitem__
 
 
 def epochs_to_steps(epochs: float, spe: int) -> int:
@@ -414,6 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     with _WorkdirLock(workdir):
+        if jax.process_index() == 0:
+            rundir.check_resume(workdir, config)  # before any dataset work: a wrong workdir fails in seconds
         return _train(config, workdir, mesh, stop_after)
 
 
@@ -422,6 +436,15 @@ def _train(config, workdir, mesh, stop_after) -> dict:
 
     setup = build(config)
     info = setup.info
+    if jax.process_index() == 0:
+        rundir.write_config(workdir, config)
+        rundir.write_model(
+            workdir,
+            setup.clip_config,
+            setup.tokenizer,
+            image_size=config.data.image_size,
+            num_classes=info.num_train_ids,
+        )
     n_steps, spe = total_steps(config, info), steps_per_epoch(config, info)
     logging.info(
         "Dataset %s: %d train pairs, %d train ids; %d steps/epoch, %d steps",
@@ -486,7 +509,7 @@ def _train(config, workdir, mesh, stop_after) -> dict:
     if pending is not None:
         loop.check_nonfinite(*pending)
 
-    results = final_evaluation(config, setup, ckpt, abstract, state, *enc, mesh, step)
+    results = final_evaluation(config, setup, ckpt, abstract, state, *enc, mesh, step, workdir, writer)
     results["nonfinite_steps"] = int(jax.device_get(state["nonfinite_total"]))
     writer.flush()
     ckpt.close()
@@ -507,60 +530,94 @@ def _append_val_curve(workdir: str, step: int, epoch: float, res: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step) -> dict:
-    """Test at the last step and at the best-validation checkpoint (the reported figure)."""
+def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step, workdir=None, writer=None):
+    """Test at the last step and at the best-validation checkpoint (the reported figure); the rankings and HTML
+    report of the reported one go to WORKDIR/eval, and a few ranked queries to TensorBoard."""
     test = config.data.test_split
     results: dict[str, Any] = {"dataset": config.data.name, "steps": int(step)}
     rows = {}
+    best_r1 = ckpt.best()
     with jax.set_mesh(mesh):
-        last = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test)
+        last, ranked, source = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test, details=True)
+        label = f"last (step {step})"
         results["test_at_last"] = last
-        rows[f"{test} @ last (step {step})"] = last
-        best_r1 = ckpt.best()
+        rows[f"{test} @ {label}"] = last
         if best_r1 is not None:
             best, r1 = best_r1
             best_params = state["params"] if best == step else ckpt.restore(best, abstract).state["params"]
             results["best_step"] = best
             results["val_at_best"] = {"R1": r1}
-            res = _eval_split(config, setup, enc_img, enc_txt, best_params, mesh, test)
+            res, ranked, source = _eval_split(config, setup, enc_img, enc_txt, best_params, mesh, test, details=True)
+            label = f"best val (step {best})"
             results["test_at_best"] = res
-            rows[f"{test} @ best val (step {best})"] = res
+            rows[f"{test} @ {label}"] = res
     table = eval_lib.format_table(rows)
     results["table"] = table
     if jax.process_index() == 0:
         print(f"\nText-to-image retrieval on {config.data.name} ({test}):\n{table}\n", flush=True)
+        if workdir is not None:
+            title = f"{config.data.name} {test} @ {label}"
+            out = report_lib.write_split_report(os.path.join(workdir, "eval"), test, ranked, source, title=title)
+            results["report"] = list(out)
+            logging.info("Rankings and report of %s: %s", test, ", ".join(out))
+        if writer is not None:
+            grid = report_lib.grid_image(report_lib.sample(ranked, 2), source)
+            writer.write_images(int(step), {f"{test}/ranked_queries": grid[None]})
     return results
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None, which: str = "best") -> dict:
-    """`--mode=eval`: restores a checkpoint (best by validation, latest, or `step`) and evaluates val and test."""
+    """`--mode=eval`: restores a checkpoint (best by validation, latest, or `step`) and evaluates val and test.
+
+    With no checkpoint in the workdir and `model_init` set, evaluates those weights as they are (the zero-shot
+    baseline: what fine-tuning buys). Also writes the per-query rankings and an HTML report under WORKDIR/eval.
+    """
     workdir = os.path.abspath(workdir)
     ck_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ck_dir) or not any(name.isdigit() for name in os.listdir(ck_dir)):
+    has_ckpt = os.path.isdir(ck_dir) and any(name.isdigit() for name in os.listdir(ck_dir))
+    if not has_ckpt and (step is not None or not config.model_init):
         # Before anything is built or created (an Orbax manager would create the folder).
-        raise FileNotFoundError(f"No checkpoint under {ck_dir}; train first (--mode=train) or fix --workdir.")
+        raise FileNotFoundError(
+            f"No checkpoint under {ck_dir}; train first (--mode=train) or fix --workdir"
+            + ("" if config.model_init else ", or set --config.model_init to evaluate pre-trained weights zero-shot")
+            + "."
+        )
+    if has_ckpt and jax.process_index() == 0:
+        rundir.check_resume(workdir, config)
     mesh = sharding.make_mesh(dict(config.mesh))
     validate_config(config, mesh.size)
     setup = build(config)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    if step is None:
-        best = ckpt.best() if which == "best" else None
-        step = best[0] if best is not None else ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint under {ckpt.directory}; train first (--mode=train).")
-    abstract, _, _, _ = _sharded_state(config, setup, mesh, jax.random.key(config.seed))
-    params = ckpt.restore(step, abstract).state["params"]
     enc_img, enc_txt = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
+    if has_ckpt:
+        ckpt = ckpt_lib.Checkpointer(ck_dir, async_save=False)
+        if step is None:
+            best = ckpt.best() if which == "best" else None
+            step = best[0] if best is not None else ckpt.latest_step()
+        abstract, _, _, _ = _sharded_state(config, setup, mesh, jax.random.key(config.seed))
+        params = ckpt.restore(step, abstract).state["params"]
+        ckpt.close()
+        label = f"step {step}"
+    else:
+        logging.info("No checkpoint in %s: evaluating %s zero-shot (no fine-tuning).", workdir, config.model_init)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put({"clip": setup.init_clip_params}, replicated)
+        label, step = "zero-shot", 0
     rows = {}
     with jax.set_mesh(mesh):
         for split in (config.data.val_split, config.data.test_split):
-            rows[f"{split} @ step {step}"] = _eval_split(config, setup, enc_img, enc_txt, params, mesh, split)
+            res, ranked, source = _eval_split(config, setup, enc_img, enc_txt, params, mesh, split, details=True)
+            rows[f"{split} @ {label}"] = res
+            if jax.process_index() == 0:
+                out = report_lib.write_split_report(
+                    os.path.join(workdir, "eval"), split, ranked, source, title=f"{config.data.name} {split} @ {label}"
+                )
+                logging.info("Rankings and report of %s: %s", split, ", ".join(out))
     table = eval_lib.format_table(rows)
     if jax.process_index() == 0:
         print("\n" + table + "\n", flush=True)
-        with open(os.path.join(workdir, f"eval_step{step}.json"), "w") as f:
+        name = f"eval_step{step}.json" if has_ckpt else "eval_zero_shot.json"
+        with open(os.path.join(workdir, name), "w") as f:
             json.dump({"step": step, "results": rows}, f, indent=2)
-    ckpt.close()
     return {"step": step, "results": rows, "table": table}
 
 

@@ -14,6 +14,7 @@ only the choice between them and the MLM masking are drawn, in TensorFlow.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fcntl
 import logging
@@ -28,6 +29,7 @@ import tensorflow_datasets as tfds
 
 from uit_jax.data import augment
 from uit_jax.data import builders as builders_lib
+from uit_jax.data import images as images_lib
 from uit_jax.data import synthetic as synth_lib
 from uit_jax.data import text as text_lib
 from uit_jax.data import tokenizer as tok_lib
@@ -191,7 +193,7 @@ def _read_split(builder, split: str, with_images: bool) -> dict[str, np.ndarray]
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
     if not with_images:
         ds = ds.map(lambda e: {k: v for k, v in e.items() if k != "image"})
-    cols = {k: [] for k in ("caption", "words", "pos", "pid", "orig_id", "image_id", "caption_index")}
+    cols = {k: [] for k in ("caption", "words", "pos", "pid", "orig_id", "image_id", "caption_index", "file_path")}
     images = {}
     for e in ds.as_numpy_iterator():
         for k in cols:
@@ -201,6 +203,7 @@ def _read_split(builder, split: str, with_images: bool) -> dict[str, np.ndarray]
     order = np.lexsort((np.asarray(cols["caption_index"]), np.asarray(cols["image_id"])))
     out = {
         "caption": np.asarray([cols["caption"][i].decode() for i in order], dtype=object),
+        "file_path": np.asarray([cols["file_path"][i].decode() for i in order], dtype=object),
         "words": _object_array([[w.decode() for w in cols["words"][i]] for i in order]),
         "pos": _object_array([[t.decode() for t in cols["pos"][i]] for i in order]),
     }
@@ -518,22 +521,17 @@ def make_eval_iterators(
     images = data["images"]
 
     def gallery():
-        r = g_rows.reshape(-1)
-        safe = np.maximum(r, 0)
-        ds = tf.data.Dataset.from_tensor_slices(
-            {
-                "images": tf.constant([images[i] for i in g_iid[safe]], tf.string),  # variable-length bytes
-                "pid": np.where(r >= 0, g_pid[safe], -1).astype(np.int32),
-                "image_id": np.where(r >= 0, g_iid[safe], -1).astype(np.int32),
-                "mask": r >= 0,
-            }
-        )
-        ds = ds.map(
-            lambda e: {**e, "images": augment.normalize(augment.decode_resize(e["images"], size))},
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+        # Decoded and resized by uit_jax.data.images (PIL), exactly as uit_jax.retrieval does for search.
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            for r in g_rows:
+                safe = np.maximum(r, 0)
+                pixels, _ = images_lib.load_batch([images[i] for i in g_iid[safe]], size, pool=pool)
+                yield {
+                    "images": images_lib.normalize(pixels),
+                    "pid": np.where(r >= 0, g_pid[safe], -1).astype(np.int32),
+                    "image_id": np.where(r >= 0, g_iid[safe], -1).astype(np.int32),
+                    "mask": r >= 0,
+                }
 
     text = tok_lib.tokenize(tokenizer, list(data["caption"]), max_len=cfg.text_len)
     q_rows = _shard_rows(len(text), batch_size, process_index, process_count)

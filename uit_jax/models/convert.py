@@ -16,6 +16,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from uit_jax.models.clip import CLIP, CLIPConfig
 
@@ -308,9 +309,36 @@ def _load_torch_file(path: str) -> dict[str, np.ndarray]:
         sd = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not TorchScript: a pickled state dict
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
+        for wrapper in ("model", "state_dict"):  # IRRA / SEN save {"model": state_dict, "optimizer": ...}
+            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+                sd = sd[wrapper]
+                break
     return _to_numpy(sd)
+
+
+TRAINED_PREFIX = "base_model."
+
+
+def split_trained_state_dict(sd: dict[str, np.ndarray], source: str = "") -> dict[str, np.ndarray]:
+    """IRRA / SEN state dicts keep the CLIP towers under `base_model.` (OpenAI names) beside their own heads
+    (classifier, cross-modal transformer, MLM head, restoration decoder). Returns the towers' state dict and logs,
+    by module, the tensors it leaves out. A state dict without the prefix is returned as is."""
+    if not any(k.startswith(TRAINED_PREFIX) for k in sd):
+        return sd
+    towers = {k[len(TRAINED_PREFIX) :]: v for k, v in sd.items() if k.startswith(TRAINED_PREFIX)}
+    rest: dict[str, int] = {}
+    for k in sd:
+        if not k.startswith(TRAINED_PREFIX):
+            rest[k.split(".")[0]] = rest.get(k.split(".")[0], 0) + 1
+    if rest:
+        logging.warning(
+            "%s: using the CLIP towers (%d tensors under %r); not used for retrieval: %s",
+            source or "state dict",
+            len(towers),
+            TRAINED_PREFIX,
+            ", ".join(f"{m} ({n} tensors)" for m, n in sorted(rest.items())),
+        )
+    return towers
 
 
 def _load_weights_file(path: str) -> dict[str, np.ndarray]:
@@ -374,11 +402,12 @@ def load_state_dict(name_or_dir: str) -> tuple[dict[str, np.ndarray], dict | Non
     if os.path.isdir(name_or_dir):
         return _load_hf_folder(name_or_dir)
     if os.path.isfile(name_or_dir):
-        sd = _load_weights_file(name_or_dir)
+        sd = split_trained_state_dict(_load_weights_file(name_or_dir), name_or_dir)
         if "visual.conv1.weight" not in sd:
             raise ValueError(
-                f"{name_or_dir!r} is not an OpenAI CLIP state dict (no 'visual.conv1.weight'); for a Hugging "
-                "Face checkpoint pass the folder holding config.json and the weights."
+                f"{name_or_dir!r} is neither an OpenAI CLIP state dict (no 'visual.conv1.weight') nor an IRRA/SEN "
+                "checkpoint (no 'base_model.visual.conv1.weight'); for a Hugging Face checkpoint pass the folder "
+                "holding config.json and the weights."
             )
         return sd, None
     if name_or_dir.endswith((".pt", ".pth", ".bin", ".safetensors", ".msgpack")) or name_or_dir.startswith((".", "/")):
