@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -249,3 +250,81 @@ def test_check_ready_reports_missing_nltk_data_before_building(tmp_path, monkeyp
     cfg.tagger = str(tmp_path / "tags.tsv")  # a word->tag file needs no NLTK data
     (tmp_path / "tags.tsv").write_text("coat\tNN\n")
     pipeline.check_ready(cfg)
+
+
+# ----------------------------------------------------------------------------- fuzzing the annotation reader
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ODD_TEXT = st.text(
+    alphabet=st.characters(codec=None, exclude_categories=()), max_size=30
+)  # any code point, lone surrogates, controls, RTL marks and emoji included
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _ODD_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_GOOD = {"split": "train", "captions": ["a man in a red coat."], "file_path": "a.png", "id": 1}
+
+
+@st.composite
+def _entry(draw):
+    """A valid entry with some fields replaced by anything, removed, or made huge / empty / odd."""
+    e = dict(_GOOD)
+    for key in draw(st.lists(st.sampled_from(sorted(_GOOD)), unique=True, max_size=3)):
+        how = draw(st.sampled_from(["value", "missing", "caption"]))
+        if how == "missing":
+            e.pop(key)
+        elif how == "caption":
+            e["captions"] = [draw(st.sampled_from(["", "   ", "x" * 20_000])), draw(_ODD_TEXT)]
+        else:
+            e[key] = draw(_JSONISH)
+    return draw(st.sampled_from([e, e, e, draw(_JSONISH)]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(_entry(), min_size=1, max_size=6))
+def test_any_annotation_file_reads_or_lists_every_offender(tmp_path_factory, entries):
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "imgs").mkdir()
+    Image.new("RGB", (8, 16), (200, 30, 30)).save(root / "imgs" / "a.png")
+    (root / "reid_raw.json").write_text(json.dumps(entries))
+    try:
+        out = builders.read_annotations(str(root), "reid_raw.json", "file_path", ("train", "val", "test"))
+    except builders.DataError as e:
+        listed = {int(m) for m in re.findall(r"reid_raw\.json entry (\d+):", str(e))}
+        assert listed == {i for i, x in enumerate(entries) if not _is_usable(x)}, str(e)
+        return
+    assert all(_is_usable(x) for x in entries)
+    for rows in out.values():  # read: every kept entry is complete and clean
+        for r in rows:
+            assert r["captions"] and all(c.strip() for c in r["captions"]) and isinstance(r["orig_id"], int)
+
+
+def _is_usable(x) -> bool:
+    """An independent statement of what the reader must accept."""
+    if not isinstance(x, dict) or set(_GOOD) - set(x):
+        return False
+    caps, ident = x["captions"], x["id"]
+    if isinstance(ident, str) and re.fullmatch(r"[+-]?[0-9]+", ident):
+        ident = int(ident)
+    ok_id = (isinstance(ident, int) and not isinstance(ident, bool) and -(2**63) <= ident < 2**63) or (
+        isinstance(ident, float) and ident.is_integer() and abs(ident) < 2**63
+    )
+    return (
+        x["split"] in ("train", "val", "test")
+        and ok_id
+        and x["file_path"] == "a.png"
+        and isinstance(caps, list)
+        and all(isinstance(c, str) and len(c) <= 10_000 and _utf8(c) for c in caps)
+        and any(c.strip() for c in caps)
+    )
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -51,6 +52,33 @@ class DataError(ValueError):
 def _raise_all(title: str, problems: list[str]):
     if problems:
         raise DataError(f"{title}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+MAX_CAPTION_CHARS = 10_000  # the longest real captions are a few hundred characters
+
+
+def _as_id(x) -> int | None:
+    """An identity: an int (or an integral float / numeric string) that fits int64; None otherwise."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, float):
+        return int(x) if x.is_integer() and abs(x) < 2**63 else None
+    if isinstance(x, str) and re.fullmatch(r"[+-]?[0-9]+", x):  # ASCII digits only ('1_000', '٣' are not ids)
+        x = int(x)
+    if not isinstance(x, int):
+        return None
+    return x if -(2**63) <= x < 2**63 else None
+
+
+def _caption_problem(text: str) -> str:
+    """Why a caption (or path) cannot be used, or '' when it can."""
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"{len(text)} characters (at most {MAX_CAPTION_CHARS}; is it a caption?)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode text ({e.reason} at position {e.start})"
+    return ""
 
 
 def read_annotations(
@@ -89,24 +117,28 @@ def read_annotations(
         if bad:
             problems.append(f"{where}: missing field(s) {bad}")
             continue
-        if a["split"] not in splits:
-            problems.append(f"{where}: field 'split' is {a['split']!r}, expected one of {list(splits)}")
-        try:
-            orig_id = int(a["id"])
-        except (TypeError, ValueError):
-            problems.append(f"{where}: field 'id' is {a['id']!r}, not an integer")
-            orig_id = None
+        split = a["split"]
+        if not isinstance(split, str) or split not in splits:
+            problems.append(f"{where}: field 'split' is {split!r:.80}, expected one of {list(splits)}")
+            split = None
+        orig_id = _as_id(a["id"])
+        if orig_id is None:
+            problems.append(f"{where}: field 'id' is {a['id']!r:.80}, not an integer identity")
         caps = a["captions"]
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             problems.append(f"{where}: field 'captions' must be a list of strings, got {caps!r:.80}")
+            continue
+        bad_caps = [f"caption {j}: {why}" for j, c in enumerate(caps) if (why := _caption_problem(c))]
+        if bad_caps:
+            problems.append(f"{where}: field 'captions': " + "; ".join(bad_caps))
             continue
         kept = [c for c in caps if c.strip()]
         empty += [f"{where} caption {j}" for j, c in enumerate(caps) if not c.strip()]
         if not kept:
             problems.append(f"{where}: field 'captions' has no non-empty caption")
         rel = a[path_key]
-        if not isinstance(rel, str) or not rel:
-            problems.append(f"{where}: field {path_key!r} is {rel!r}, not a path")
+        if not isinstance(rel, str) or not rel or "\x00" in rel or _caption_problem(rel):
+            problems.append(f"{where}: field {path_key!r} is {rel!r:.80}, not a path")
             continue
         path = os.path.join(img_dir, rel)
         if not os.path.isfile(path):
@@ -117,8 +149,8 @@ def read_annotations(
                     im.load()
             except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
                 problems.append(f"{where}: field {path_key!r}: image {path} is unreadable ({e})")
-        if a["split"] in out and orig_id is not None and kept:
-            out[a["split"]].append({"path": path, "file_path": rel, "orig_id": orig_id, "captions": kept})
+        if split is not None and orig_id is not None and kept:
+            out[split].append({"path": path, "file_path": rel, "orig_id": orig_id, "captions": kept})
     _raise_all(f"annotations {ann_path}", problems)
     if empty:
         log.warning("%s: dropped %d empty caption(s): %s", ann_path, len(empty), ", ".join(empty))
