@@ -14,3 +14,12 @@ def test_benchmark_reports_step_time_and_flops(tmp_path):
     align = benchmark.main(["--preset=tiny", "--image_size=32,16", "--text_len=12", "--batch=8", "--num_classes=5",
                             "--steps=1", "--dtype=float32", "--objectives=align"])  # fmt: skip
     assert align["gflops_per_pair"] < out["gflops_per_pair"]  # no restoration pass
+
+
+def test_search_benchmark_runs_on_small_sizes(capsys):
+    from tools import bench_search
+
+    out = bench_search.main(["--images=6", "--batch=4", "--sizes=50,300", "--dim=8", "--queries=1,3", "--repeats=1"])
+    assert out["index"]["images"] == 6 and out["index"]["images_per_s"] > 0
+    assert [(r["gallery"], r["queries"]) for r in out["query"]] == [(50, 1), (50, 3), (300, 1), (300, 3)]
+    assert "| 300 x 8 | 3 |" in capsys.readouterr().out
