@@ -92,3 +92,35 @@ def test_two_processes_match_one(data_root, tmp_path):  # noqa: F811
     one_query = 100.0 / r_single["num_queries"]
     for k in ("R1", "R5", "R10", "mAP", "mINP"):
         assert abs(r_single[k] - r_multi[k]) <= one_query + 1e-9, (k, r_single[k], r_multi[k])
+
+
+def test_a_dead_process_stops_the_others_promptly(data_root, tmp_path):  # noqa: F811
+    """kill -9 of one process mid-training: the survivor exits with an error within a bounded time, not a hang."""
+    import signal
+    import time
+
+    port = _free_port()
+    extra = ["--config.total_steps=100000", "--config.checkpoint.every_steps=100000", "--heartbeat_timeout=10"]
+    procs = []
+    for pid in range(2):
+        args = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}", *extra)
+        log = open(tmp_path / f"p{pid}.log", "wb")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(_cmd(data_root, tmp_path / "wd", args), cwd=ROOT, env=_env(2), stdout=log,
+                                       stderr=subprocess.STDOUT), log))  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while "train/loss" not in (tmp_path / "p0.log").read_text(errors="replace"):  # training has started
+            assert time.time() < deadline and procs[0][0].poll() is None, (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1][0].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        rc = procs[0][0].wait(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+            log.close()
+    print(f"survivor: rc {rc} after {waited:.1f}s")
+    assert rc != 0, (tmp_path / "p0.log").read_text()[-3000:]
+    assert waited < 60, f"the survivor took {waited:.0f}s to stop"

@@ -31,6 +31,12 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index for jax.distributed.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    100,
+    "Multi-process: seconds without a heartbeat after which a process is declared dead and the others exit with an "
+    "error (JAX's distributed runtime; its default is 100).",
+)
 _LIB_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of orbax, tfds, jax (hidden by default).")
 
 flags.mark_flags_as_required(["workdir"])
@@ -67,7 +73,12 @@ def main(argv):
     import jax
 
     if _COORD.value or _DISTRIBUTED.value:
-        jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+        jax.distributed.initialize(
+            coordinator_address=_COORD.value,
+            num_processes=_NPROC.value,
+            process_id=_PID.value,
+            heartbeat_timeout_seconds=_HEARTBEAT.value,
+        )
     logging.info(
         "JAX %s: process %d of %d, %d local / %d global %s devices",
         jax.__version__,
