@@ -9,10 +9,11 @@ descending similarity and ``matches`` the gallery items of the query's person id
 Differences from the reference: ties are broken by gallery index (a stable sort), where torch's argsort leaves
 them unspecified; a query with no matching gallery item is an error here (the reference returns NaN or fails).
 
-Memory: queries are processed ``block_size`` rows at a time; each block sorts a (block, G) slice on the
-host, so peak extra memory is about ``block_size * G * 13`` bytes (1024 x 100k: ~1.3 GB). Lower
-``block_size`` for larger galleries. A jax.Array similarity is sliced on its device and only each block
-is copied to the host.
+Speed and memory: queries are processed ``block_size`` rows at a time; each row is sorted by value (no argsort)
+and each positive's rank found by binary search, so peak extra memory is about ``block_size * G * 4`` bytes
+(1024 x 100k: ~0.4 GB). A jax.Array similarity is sliced on its device and only each block is copied to the host.
+``retrieval_metrics_from_embeddings`` never materialises the (Q, G) similarity: it computes it block by block
+(on the accelerator), for evaluations of any size.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ RANKS = (1, 5, 10)
 
 
 def _block_ranks(sim_block: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, offset: int):
-    """Ranks (1-based) of each query row's matching gallery items: (row, rank) pairs in row order."""
-    # Stable sort of the negated scores: descending, ties by gallery index.
-    order = np.argsort(-sim_block, axis=1, kind="stable")
-    matches = g_pids[order] == q_pids[:, None]  # (b, G) bool
-    del order
-    rows, cols = np.nonzero(matches)  # row-major: ranks ascend within each row
-    counts = np.bincount(rows, minlength=sim_block.shape[0])
+    """Ranks (1-based) of each query row's matching gallery items: (row, rank) pairs in row order, ranks ascending
+    within a row; and the number of matches per row.
+
+    No argsort of the gallery: each row is sorted by value (SIMD quicksort, several times faster than a stable
+    argsort), and a positive's rank is 1 + the items scoring above it (a binary search) + the items scoring exactly
+    the same with a lower gallery index (counted directly, only where a tie exists). Equal to the rank a stable
+    descending argsort gives.
+    """
+    b, g = sim_block.shape
+    rows, cols = np.nonzero(q_pids[:, None] == g_pids[None, :])  # positives, row-major
+    counts = np.bincount(rows, minlength=b)
     if np.any(counts == 0):
         missing = np.flatnonzero(counts == 0) + offset
         raise ValueError(
@@ -37,7 +42,22 @@ def _block_ranks(sim_block: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, 
             f"(first query indices: {missing[:5].tolist()}, pids: {q_pids[missing[:5] - offset].tolist()}); "
             "every query id must appear in the gallery: check the split's query and gallery pids."
         )
-    return rows, cols + 1, counts
+    if np.isnan(sim_block).any():
+        raise ValueError("metrics.retrieval_metrics: the similarity holds NaN; the embeddings are not finite.")
+    scores = sim_block[rows, cols]
+    ascending = np.sort(sim_block, axis=1)
+    above, ties = np.empty(rows.size, np.int64), np.empty(rows.size, np.int64)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    for r in range(b):
+        lo, hi = bounds[r], bounds[r + 1]
+        left = np.searchsorted(ascending[r], scores[lo:hi], side="left")
+        right = np.searchsorted(ascending[r], scores[lo:hi], side="right")
+        above[lo:hi], ties[lo:hi] = g - right, right - left
+    ranks = above + 1
+    for i in np.flatnonzero(ties > 1):  # exact ties: the stable order puts lower gallery indices first
+        ranks[i] += int(np.count_nonzero(sim_block[rows[i], : cols[i]] == scores[i]))
+    order = np.lexsort((ranks, rows))
+    return rows[order], ranks[order], counts
 
 
 def retrieval_metrics(similarity, query_pids, gallery_pids, *, block_size: int = 1024) -> dict[str, float]:
@@ -61,12 +81,18 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, *, block_size: int =
     if num_q == 0:
         raise ValueError("metrics.retrieval_metrics: no queries")
 
+    blocks = ((start, np.asarray(similarity[start : start + block_size])) for start in range(0, num_q, block_size))
+    return _metrics_over_blocks(blocks, q_pids, g_pids)
+
+
+def _metrics_over_blocks(blocks, q_pids: np.ndarray, g_pids: np.ndarray) -> dict[str, float]:
+    """Accumulates R@k, AP and INP over (start row, similarity block) pairs that cover every query once."""
+    num_q = q_pids.size
     hits = {k: 0 for k in RANKS}
     ap_sum = 0.0
     inp_sum = 0.0
-    for start in range(0, num_q, block_size):
-        stop = min(start + block_size, num_q)
-        block = np.asarray(similarity[start:stop])
+    for start, block in blocks:
+        stop = start + block.shape[0]
         if block.dtype not in (np.float32, np.float64):  # bf16 / ints: sort in float32
             block = block.astype(np.float32)
         qb = q_pids[start:stop]
@@ -85,3 +111,32 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, *, block_size: int =
     out["mAP"] = 100.0 * ap_sum / num_q
     out["mINP"] = 100.0 * inp_sum / num_q
     return out
+
+
+def retrieval_metrics_from_embeddings(
+    query_emb, gallery_emb, query_pids, gallery_pids, *, block_size: int = 1024
+) -> dict[str, float]:
+    """`retrieval_metrics(query_emb @ gallery_emb.T, ...)` without the (Q, G) matrix: each block of queries is
+    scored against the gallery on the default device (jax) and only that block reaches the host. For evaluations
+    of any size (100k x 100k needs block_size * G * 4 bytes, not Q * G * 4)."""
+    import jax  # noqa: PLC0415 - metrics itself needs only numpy
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    q_pids = np.asarray(query_pids).reshape(-1)
+    g_pids = np.asarray(gallery_pids).reshape(-1)
+    if len(query_emb) != q_pids.size or len(gallery_emb) != g_pids.size:
+        raise ValueError(
+            f"metrics.retrieval_metrics_from_embeddings: {len(query_emb)} query and {len(gallery_emb)} gallery "
+            f"embeddings for {q_pids.size} query and {g_pids.size} gallery pids"
+        )
+    if q_pids.size == 0:
+        raise ValueError("metrics.retrieval_metrics_from_embeddings: no queries")
+    g = jnp.asarray(gallery_emb)
+    score = jax.jit(lambda q, g: q @ g.T)
+    q_all = np.asarray(query_emb)
+
+    def blocks():
+        for start in range(0, q_pids.size, block_size):
+            yield start, np.asarray(score(jnp.asarray(q_all[start : start + block_size]), g))
+
+    return _metrics_over_blocks(blocks(), q_pids, g_pids)
