@@ -7,6 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("UIT_JAX_CACHE", "")  # hermetic: no persistent compilation cache (tests/test_train.py tests it)
 
 
 # ----------------------------------------------------------------------------- slow tests: additive

@@ -215,3 +215,26 @@ def test_cli_fatal_error_is_one_message_and_a_prompt_exit(tmp_path):
     assert "cannot schedule new futures" not in p.stderr and p.stderr.count("Traceback") <= 1
     assert not (tmp_path / "wd").exists() and not (tmp_path / "data").exists()
     assert time.time() - t0 < 60
+
+
+def test_persistent_compilation_cache(tmp_path):
+    """uit_jax.compile_cache.enable() points JAX's persistent cache at a folder that compiled programs land in;
+    UIT_JAX_CACHE='' turns it off."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from uit_jax import compile_cache\n"
+        "print(compile_cache.enable())\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value in (str(tmp_path / "cache"), ""):
+        env = {**os.environ, "UIT_JAX_CACHE": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == (value or "None")
+    assert any((tmp_path / "cache").iterdir()), "no compiled program was written to the cache"

@@ -72,6 +72,9 @@ def main(argv):
     _hide_accelerators_from_tf()
     import jax
 
+    from uit_jax import compile_cache
+
+    cache = compile_cache.enable()
     if _COORD.value or _DISTRIBUTED.value:
         jax.distributed.initialize(
             coordinator_address=_COORD.value,
@@ -88,6 +91,7 @@ def main(argv):
         jax.device_count(),
         jax.default_backend(),
     )
+    logging.info("Compilation cache: %s", cache or f"off ({compile_cache.ENV} is empty)")
     from uit_jax import train
 
     try:
