@@ -149,13 +149,22 @@ def test_fingerprint_sees_any_single_change():
         assert ckpt_lib.fingerprint(y) != base, key
 
 
-def test_disk_errors_are_one_sentence_naming_step_folder_and_last_good(tmp_path, monkeypatch):
+TENSORSTORE_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/ck/2/state/": Failed to write 36190 '
+    "bytes to file 24: No space left on device [os_error_code='28']"
+)  # how tensorstore reported a full 1 MiB tmpfs (tests/test_train.py, --slow)
+
+
+@pytest.mark.parametrize("form", ["oserror", "tensorstore"])
+def test_disk_errors_are_one_sentence_naming_step_folder_and_last_good(tmp_path, monkeypatch, form):
     import errno
 
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
     ckpt.save(1, _random_state(1), {})
 
     def no_space(*a, **k):
+        if form == "tensorstore":
+            raise ValueError(TENSORSTORE_ENOSPC)
         raise RuntimeError("async save failed") from OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.manager, "save", no_space)

@@ -238,3 +238,32 @@ def test_persistent_compilation_cache(tmp_path):
         )
         assert out.stdout.strip() == (value or "None")
     assert any((tmp_path / "cache").iterdir()), "no compiled program was written to the cache"
+
+
+def test_unwritable_checkpoint_folder_stops_before_any_work(tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "checkpoints").write_text("a file where the checkpoint folder should be")  # root ignores chmod; this not
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"Cannot write checkpoints to .*wd.checkpoints: File exists"):
+        train.train_and_evaluate(tiny_config(tmp_path), str(wd))
+    assert not (tmp_path / "raw").exists(), "the refused run did dataset work"
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_sentence_on_a_real_small_disk(data_root, tmp_path):
+    """A 1 MiB tmpfs as the workdir (a checkpoint of the tiny model is ~2.5 MiB): the run ends with the one-sentence
+    disk error naming the step, the folder and the last good checkpoint. Needs permission to mount; where there is
+    none, test_disk_errors_are_one_sentence_naming_step_folder_and_last_good injects the same OSError instead."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:120]}); the injected test covers it")
+    try:
+        want = r"No space left on device while saving checkpoint step \d+ to .*small.run.checkpoints; the last good"
+        with pytest.raises(ckpt_lib.CheckpointError, match=want):
+            train.train_and_evaluate(tiny_config(data_root, **{"checkpoint.every_steps": 2}), str(small / "run"))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+
+from uit_jax import faults
 
 BEST_METRIC = "val_r1"
 
@@ -64,11 +67,16 @@ def _all_finite(tree):
 
 
 def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind an exception (Orbax and CLU re-raise a background thread's error wrapped)."""
+    """The OSError behind an exception (Orbax and CLU re-raise a background thread's error wrapped; tensorstore
+    reports a failed write as ValueError('RESOURCE_EXHAUSTED ... [os_error_code=\'28\']'))."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError):
             return e
+        m = re.search(r"os_error_code='(\d+)'", str(e))
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code))
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
@@ -188,8 +196,9 @@ class Checkpointer:
         meta = dict(meta, step=int(step), **({BEST_METRIC: float(val_r1)} if val_r1 is not None else {}))
         meta["fingerprint"] = fingerprint(state)
         last_good = self.latest_step()
+        faults.point("save")
         try:
-            return self.manager.save(
+            saved = self.manager.save(
                 int(step),
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                 metrics=metrics,
@@ -197,6 +206,8 @@ class Checkpointer:
             )
         except Exception as e:
             raise self._io_error(e, step, last_good) from e
+        faults.point("saved")
+        return saved
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -223,6 +234,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state) -> Restored:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`), and
         checks its fingerprint; raises CheckpointError when it does not match what was written."""
+        faults.point("restore")
         out = self.manager.restore(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
@@ -266,6 +278,10 @@ class Checkpointer:
                 dst, n = f"{src}.damaged{n}", n + 1
             if os.path.exists(src):
                 os.rename(src, dst)
+        if jax.process_count() > 1:  # every process sees the rename before it re-reads the folder
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"uit_jax set aside checkpoint {step}")
         self.manager.reload()
 
     def _io_error(self, e: BaseException, step, last_good) -> BaseException:
@@ -284,6 +300,7 @@ class Checkpointer:
 
     def wait(self):
         last_good = self.latest_step()
+        faults.point("finalize")
         try:
             self.manager.wait_until_finished()
         except Exception as e:

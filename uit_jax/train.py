@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 
 from uit_jax import checkpoint as ckpt_lib
 from uit_jax import evaluate as eval_lib
-from uit_jax import optim, rundir, sharding, steps
+from uit_jax import faults, optim, rundir, sharding, steps
 from uit_jax import report as report_lib
 from uit_jax.data import defaults as data_defaults
 from uit_jax.data import pipeline
@@ -428,7 +428,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     with _WorkdirLock(workdir):
         if jax.process_index() == 0:
             rundir.check_resume(workdir, config)  # before any dataset work: a wrong workdir fails in seconds
+        _check_writable(os.path.join(workdir, "checkpoints"))
         return _train(config, workdir, mesh, stop_after)
+
+
+def _check_writable(folder: str) -> None:
+    """Creates `folder` and writes a probe file in it, so that an unwritable checkpoint folder (permissions, a
+    read-only or full disk, a file in its place) stops the run before any dataset work or training."""
+    probe = os.path.join(folder, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        raise ckpt_lib.CheckpointError(
+            f"Cannot write checkpoints to {folder}: {e.strerror or e} ({type(e).__name__}). Fix its permissions or "
+            "free the disk, or choose another --workdir; nothing was trained."
+        ) from e
 
 
 def _train(config, workdir, mesh, stop_after) -> dict:
@@ -494,6 +511,8 @@ def _train(config, workdir, mesh, stop_after) -> dict:
     with _Preemption() as preempt, jax.set_mesh(mesh), contextlib.closing(data):  # stops the input stream promptly
         while step < n_steps:
             batch = sharding.host_batch_to_global(next(data), mesh)
+            if step == start:
+                faults.point("compile")
             state, metrics = train_step(state, batch, step_rng)
             step += 1
             if pending is not None:
@@ -533,6 +552,7 @@ def _append_val_curve(workdir: str, step: int, epoch: float, res: dict) -> None:
 def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mesh, step, workdir=None, writer=None):
     """Test at the last step and at the best-validation checkpoint (the reported figure); the rankings and HTML
     report of the reported one go to WORKDIR/eval, and a few ranked queries to TensorBoard."""
+    faults.point("final_eval")
     test = config.data.test_split
     results: dict[str, Any] = {"dataset": config.data.name, "steps": int(step)}
     rows = {}
