@@ -19,6 +19,7 @@ The result is written as a Hugging Face CLIP folder (config.json, model.safetens
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -86,16 +87,57 @@ def square_view(ident: synth.Identity, rng: np.random.Generator, size: int) -> n
 
 
 def make_corpus(num_ids: int, views: int, captions: int, size: int, seed: int, tokenizer, text_len: int):
-    """(images uint8 (N, S, S, 3), ids (N, captions, L) int32): `views` images per identity of seed `seed`."""
+    """(images uint8 (N, S, S, 3), ids (N, captions, L) int32): `views` images per identity of seed `seed`;
+    image n shows identity n // views."""
     images, texts = [], []
     for i in range(num_ids):
-        ident = synth.sample_identity(np.random.default_rng([seed, i]))
+        ident = corpus_identity(seed, i)
         rng = np.random.default_rng([seed, i, 1])
         for _ in range(views):
             images.append(square_view(ident, rng, size))
             caps = [generic_caption(ident, rng) for _ in range(captions)]
             texts.append(tok_lib.tokenize(tokenizer, caps, text_len))
     return np.stack(images), np.stack(texts)
+
+
+def corpus_identity(seed: int, i: int) -> synth.Identity:
+    return synth.sample_identity(np.random.default_rng([seed, i]))
+
+
+def attribute_neighbours(num_ids: int, seed: int, max_diff: int) -> list[np.ndarray]:
+    """Per identity, the other identities whose attributes differ in 1..max_diff fields (skin excluded: no caption
+    names it). They are the hard negatives a random batch almost never holds: in 128 random identities the upper
+    and lower colours alone tell nearly every pair apart, so plain contrastive batches teach little else."""
+    fields = [f.name for f in dataclasses.fields(synth.Identity) if f.name != "skin"]
+    idents = [corpus_identity(seed, i) for i in range(num_ids)]
+    table = np.array([[str(getattr(x, f)) for f in fields] for x in idents])
+    table = np.stack([np.unique(col, return_inverse=True)[1] for col in table.T], 1).astype(np.int8)
+    out = []
+    for start in range(0, num_ids, 512):
+        diff = (table[start : start + 512, None, :] != table[None, :, :]).sum(-1)  # (b, N)
+        out.extend(np.flatnonzero((d >= 1) & (d <= max_diff)) for d in diff)
+    return out
+
+
+def draw_batch(rng, batch: int, views: int, neighbours: list[np.ndarray], hard: float) -> np.ndarray:
+    """Image indices of one batch, one view per identity. A fraction `hard` of the identities are attribute
+    neighbours of the others (see `attribute_neighbours`); the rest are drawn at random."""
+    n_ids = len(neighbours)
+    n_hard = int(round(batch * hard / 2))
+    chosen: dict[int, None] = {}
+    for i in rng.permutation(n_ids):
+        if len(chosen) >= batch:
+            break
+        if i in chosen:
+            continue
+        chosen[int(i)] = None
+        if n_hard > 0 and len(neighbours[i]) and len(chosen) < batch:
+            n_hard -= 1
+            free = [j for j in rng.permutation(neighbours[i])[:8] if int(j) not in chosen]
+            if free:
+                chosen[int(free[0])] = None
+    ids = np.fromiter(chosen, np.int64)[:batch]
+    return ids * views + rng.integers(views, size=len(ids))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -172,6 +214,12 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--log_every", type=int, default=100)
+    p.add_argument(
+        "--hard", type=float, default=0.0,
+        help="fraction of each batch made of attribute neighbours (identities differing in 1..--max_diff fields)",
+    )  # fmt: skip
+    p.add_argument("--max_diff", type=int, default=5, help="most differing attributes of a hard neighbour")
+    p.add_argument("--init", default="", help="start from this Hugging Face CLIP folder instead of a random init")
     p.add_argument("--eval_data_root", default="", help="a synthetic set folder: report zero-shot test figures")
     p.add_argument("--eval_only", action="store_true", help="only add the zero-shot figures to OUT/pretrain.json")
     return p.parse_args(argv)
@@ -195,8 +243,12 @@ def main(argv=None) -> dict:
 
     model = clip_lib.CLIP(config)
     dummy = (jnp.zeros((1, a.size, a.size, 3)), jnp.zeros((1, a.text_len), jnp.int32))
-    params = jax.jit(model.init)(jax.random.key(a.seed), *dummy)["params"]
-    params = dict(params, logit_scale=jnp.asarray(np.log(1 / 0.07), jnp.float32))
+    if a.init:
+        _, params = convert.load(a.init, image_size=(a.size, a.size))
+        params = jax.tree.map(jnp.asarray, params)
+    else:
+        params = jax.jit(model.init)(jax.random.key(a.seed), *dummy)["params"]
+        params = dict(params, logit_scale=jnp.asarray(np.log(1 / 0.07), jnp.float32))
     sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, a.steps, end_value=a.lr * 0.01)
     decay_mask = jax.tree_util.tree_map_with_path(
         lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params
@@ -205,9 +257,15 @@ def main(argv=None) -> dict:
     opt_state = tx.init(params)
     step = make_step(model, tx)
     rng = np.random.default_rng(a.seed)
+    if a.hard > 0 and a.batch > a.ids:
+        raise SystemExit(f"--hard needs --batch ({a.batch}) <= --ids ({a.ids}): one view per identity in a batch.")
+    neighbours = attribute_neighbours(a.ids, a.corpus_seed, a.max_diff) if a.hard > 0 else []
     curve, t_train = [], time.time()
     for i in range(a.steps):
-        idx = rng.choice(len(images), a.batch, replace=False)
+        if a.hard > 0:
+            idx = draw_batch(rng, a.batch, a.views, neighbours, a.hard)
+        else:  # as the shipped model was made (any images; two views of one person may meet)
+            idx = rng.choice(len(images), a.batch, replace=False)
         cap = rng.integers(a.captions, size=a.batch)
         params, opt_state, loss = step(params, opt_state, augment_batch(images[idx], rng), texts[idx, cap])
         if (i + 1) % a.log_every == 0 or i + 1 == a.steps:

@@ -85,6 +85,29 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     # Fine-tuning size: the position embeddings are resized from the square grid, as for OpenAI's CLIP.
     model, _ = convert.load(out, image_size=(64, 32))
     assert model.config.grid == (8, 4) and model.config.text_len == 24
+    # Continued from that folder with attribute-neighbour batches.
+    more = pretrain_clip.main(
+        ["--out", str(tmp_path / "more"), "--init", out, "--hard", "0.5", "--max_diff", "14", "--preset", "tiny",
+         "--size", "32", "--text_len", "24", "--ids", "6", "--steps", "2", "--warmup", "1", "--batch", "4",
+         "--log_every", "1"]
+    )  # fmt: skip
+    assert more["args"]["init"] == out and np.isfinite(more["curve"][-1]["loss"])
+
+
+def test_attribute_neighbours_and_hard_batches():
+    nb = pretrain_clip.attribute_neighbours(300, seed=1, max_diff=6)
+    fields = [f for f in pretrain_clip.dataclasses.fields(synth.Identity) if f.name != "skin"]
+    ids = [pretrain_clip.corpus_identity(1, i) for i in range(300)]
+    for i in (0, 17, 299):  # brute force: every other identity, field by field
+        diff = [sum(getattr(ids[i], f.name) != getattr(ids[j], f.name) for f in fields) for j in range(300)]
+        assert sorted(nb[i].tolist()) == [j for j in range(300) if 1 <= diff[j] <= 6]
+    rng = np.random.default_rng(0)
+    for hard in (0.0, 0.5, 1.0):
+        batch = pretrain_clip.draw_batch(rng, 32, 2, nb, hard)
+        people = batch // 2
+        assert len(batch) == 32 and len(set(people.tolist())) == 32  # one view per identity: no false negatives
+        close = sum(any(j in nb[i] for j in people if j != i) for i in people)
+        assert close >= (16 if hard == 1.0 else 0)
 
 
 def test_shipped_model_loads_in_both_libraries():
