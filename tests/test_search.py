@@ -160,6 +160,9 @@ def test_top_k_is_exact_across_blocks_and_devices():
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(scores, np.take_along_axis(q @ g.T, want, 1), rtol=1e-5, atol=1e-6)
     assert retrieval.top_k(q, g[:3], 10)[1].shape == (7, 3)
+    placed = retrieval.DeviceGallery(g, block=100)  # placed once, queried twice: same answer
+    np.testing.assert_array_equal(retrieval.top_k(q, placed, 10)[1], want)
+    np.testing.assert_array_equal(retrieval.top_k(q[:2], placed, 10)[1], want[:2])
 
 
 class _Imgs(html.parser.HTMLParser):

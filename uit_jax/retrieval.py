@@ -262,7 +262,10 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int = 10, *, block: int = 65536) -> list[list[tuple[str, float]]]:
         """The k best gallery images per query: [[(path, cosine score), ...], ...] (exact, best first)."""
-        scores, idx = top_k(np.asarray(queries, np.float32), self.embeddings, k, block=block)
+        cached = getattr(self, "_device", None)
+        if cached is None or cached[0] != (len(self.paths), block):  # placed once; re-placed after add()
+            self._device = cached = ((len(self.paths), block), DeviceGallery(self.embeddings, block))
+        scores, idx = top_k(np.asarray(queries, np.float32), cached[1], k)
         return [
             [(self.paths[j], float(s)) for s, j in zip(srow, irow, strict=True)]
             for srow, irow in zip(scores, idx, strict=True)
@@ -277,29 +280,45 @@ def _index_base(path: str) -> str:
     return path
 
 
-def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+class DeviceGallery:
+    """Gallery embeddings placed on the local devices once, in blocks of `block` rows, each block sharded across
+    the devices (padded rows are masked out). Queries against it copy nothing but the queries."""
+
+    def __init__(self, gallery: np.ndarray, block: int = 65536):
+        n = len(gallery)
+        devices = jax.local_devices()
+        nd = len(devices)
+        self.block = max(nd, (min(block, max(n, 1)) + nd - 1) // nd * nd)
+        mesh = jax.sharding.Mesh(np.array(devices), ("g",))
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("g", None))
+        self.n, self.blocks = n, []
+        for start in range(0, n, self.block):
+            chunk = np.asarray(gallery[start : start + self.block], np.float32)
+            valid = len(chunk)
+            if valid < self.block:
+                chunk = np.concatenate([chunk, np.zeros((self.block - valid, chunk.shape[1]), np.float32)])
+            self.blocks.append((jax.device_put(chunk, sh), start, valid))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def top_k(queries: np.ndarray, gallery, k: int, *, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: (scores (Q, k), gallery indices (Q, k)), best first.
 
-    The gallery is processed in blocks of `block` rows (each block sharded across the local devices when there
-    are several); a running top-k is kept, so memory is O(Q * (block + k)) whatever the gallery size.
+    `gallery` is a (G, D) array or a DeviceGallery (placed once; pass one to query many times). The gallery is
+    processed in blocks of `block` rows, each sharded across the local devices, keeping a running top-k: memory is
+    O(Q * (block + k)) beyond the gallery itself, whatever its size.
     """
-    n = len(gallery)
-    k = min(k, n)
+    if not isinstance(gallery, DeviceGallery):
+        gallery = DeviceGallery(np.asarray(gallery, np.float32), block)
+    k = min(k, len(gallery))
     if k == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    devices = jax.local_devices()
-    block = max(len(devices), (min(block, n) + len(devices) - 1) // len(devices) * len(devices))
-    mesh = jax.sharding.Mesh(np.array(devices), ("g",))
-    g_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("g", None))
-    q = jnp.asarray(queries)
+    q = jnp.asarray(queries, jnp.float32)
     best_s = jnp.full((len(queries), k), -jnp.inf, jnp.float32)
     best_i = jnp.zeros((len(queries), k), jnp.int32)
-    for start in range(0, n, block):
-        chunk = gallery[start : start + block]
-        valid = len(chunk)
-        if valid < block:
-            chunk = np.concatenate([chunk, np.zeros((block - valid, chunk.shape[1]), chunk.dtype)])
-        g = jax.device_put(chunk, g_sh)
+    for g, start, valid in gallery.blocks:
         best_s, best_i = _merge_block(q, g, best_s, best_i, jnp.int32(start), jnp.int32(valid))
     return np.asarray(best_s), np.asarray(best_i).astype(np.int64)
 
