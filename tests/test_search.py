@@ -282,3 +282,20 @@ def test_zero_shot_eval_without_a_checkpoint(run, tiny_hf_clip_dir, tmp_path):
     assert out["step"] == 0 and set(out["results"]) == {"val @ zero-shot", "test @ zero-shot"}
     assert (tmp_path / "zs" / "eval" / "test_rankings.jsonl").exists()
     assert not (tmp_path / "zs" / "checkpoints").exists()
+
+
+def test_attribute_probe(run, capsys):
+    from tools import attribute_probe
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((400, 8))
+    pids = np.repeat(np.arange(100), 4)
+    planted = ["a" if v > 0 else "b" for v in z[:, 0]]  # linearly decodable
+    assert attribute_probe.probe(z, planted, pids)[0] > 0.85  # least-squares classification of a sign: ~0.94
+    noise = list(rng.choice(["a", "b", "c"], 400))
+    acc, majority = attribute_probe.probe(z, noise, pids)
+    assert acc < majority + 0.15  # nothing to find: about the majority rate
+    _, wd, root = run
+    out = attribute_probe.main([f"--data_root={next((root / 'raw').glob('t*'))}", f"--workdir={wd}"])
+    assert set(out["probes"]) == set(attribute_probe.FIELDS) and 0 <= out["R1"] <= 100
+    assert "upper_color" in capsys.readouterr().out
