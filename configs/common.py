@@ -10,9 +10,13 @@ import ml_collections
 from uit_jax.data import defaults as data_defaults
 
 # Launch variants selectable with `--config=configs/cuhk.py:VARIANT`.
+# ViT-L/14 runs at 378x126: IRRA/SEN's patch conv (kernel 14, stride 14, no padding) on their 384x128 input sees a
+# 27 x 9 grid, (384 - 14) // 14 + 1 and (128 - 14) // 14 + 1, i.e. the top-left 378x126 pixels, and drops the rest.
+# We resize to exactly that grid instead (same 243 patches, same 3:1 aspect, no pixel dropped), which also tiles the
+# image for the restoration targets.
 VARIANTS = {
-    "vit-b16": dict(preset="vit-b16", init="openai/clip-vit-base-patch16", stride=16),
-    "vit-l14": dict(preset="vit-l14", init="openai/clip-vit-large-patch14", stride=14),
+    "vit-b16": dict(preset="vit-b16", init="openai/clip-vit-base-patch16", stride=16, image_size=(384, 128)),
+    "vit-l14": dict(preset="vit-l14", init="openai/clip-vit-large-patch14", stride=14, image_size=(378, 126)),
 }
 
 
@@ -97,6 +101,8 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
     c.batch_size = 128  # global batch of image-caption pairs (SEN's run_SEN.sh).
     c.data = data_defaults.data_config(dataset)
     c.model = model_config(variant)
+    if dataset != "synthetic":
+        c.data.image_size = VARIANTS[variant]["image_size"]
     # Hugging Face id or local folder (config.json + model.safetensors), or an OpenAI-format .pt file.
     # "" trains from a random init of `model.preset` (the synthetic default does this).
     c.model_init = VARIANTS[variant]["init"]

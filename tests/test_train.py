@@ -267,3 +267,24 @@ def test_a_full_disk_is_one_sentence_on_a_real_small_disk(data_root, tmp_path):
             train.train_and_evaluate(tiny_config(data_root, **{"checkpoint.every_steps": 2}), str(small / "run"))
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@pytest.mark.parametrize("name", ["cuhk", "icfg", "rstp"])
+def test_vit_l14_variant_is_valid_and_builds_its_grid(name):
+    """The large variant's image size tiles its 14-pixel patches (IRRA's 27 x 9 grid at 384x128); checked on an
+    abstract model (no weights)."""
+    import importlib
+
+    from uit_jax.models import clip as clip_lib
+
+    config = importlib.import_module(f"configs.{name}").get_config("vit-l14")
+    train.validate_config(config, 1)
+    assert tuple(config.data.image_size) == (378, 126) and config.model.stride == 14
+    c = clip_lib.config_from_preset("vit-l14", image_size=config.data.image_size, stride=config.model.stride)
+    model = clip_lib.CLIP(c)
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 378, 126, 3), np.float32),
+        jax.ShapeDtypeStruct((1, 77), np.int32),
+    )  # fmt: skip
+    assert c.grid == (27, 9)
+    assert shapes["params"]["vision_model"]["embeddings"]["position_embedding"]["embedding"].shape == (1 + 243, 1024)
