@@ -18,6 +18,15 @@ MODULES = [
     "uit_jax.steps",
     "uit_jax.checkpoint",
     "uit_jax.evaluate",
+    # search with a trained model (issue: export, retrieval, search, reports)
+    "uit_jax.rundir",
+    "uit_jax.export",
+    "uit_jax.retrieval",
+    "uit_jax.search",
+    "uit_jax.report",
+    "uit_jax.data.images",
+    "uit_jax.compile_cache",
+    "uit_jax.faults",
 ]
 ABSENT = ["tensorflow", "tensorflow_datasets", "clu", "ml_collections", "torch"]
 
