@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from uit_jax import metrics as metrics_lib
 from uit_jax.data import images as images_lib
 
 GREEN, RED, GREY = (26, 156, 58), (221, 34, 34), (200, 200, 200)
@@ -37,15 +38,22 @@ def rankings(
 ) -> list[dict]:
     """One dict per query: caption, pid, top-k gallery paths / pids / scores, first_correct_rank (1-based) and ap."""
     q_pids, g_pids = np.asarray(query_pids), np.asarray(gallery_pids)
+    k = min(k, len(g_pids))
     out = []
     for start in range(0, len(q_pids), block):
         sim = np.asarray(similarity[start : start + block], np.float32)
-        order = np.argsort(-sim, axis=1, kind="stable")
-        match = g_pids[order] == q_pids[start : start + block, None]  # (b, G) in ranked order
+        # Ranks of the matches without an argsort of the gallery (metrics' sort + binary search).
+        rows, ranks, counts = metrics_lib._block_ranks(sim, q_pids[start : start + block], g_pids, start)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        # Top-k: a partition, then the k sorted by descending score, ties by gallery index.
+        part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        part_s = np.take_along_axis(sim, part, 1)
+        order = np.lexsort((part, -part_s), axis=1)
+        top_all = np.take_along_axis(part, order, 1)
         for r in range(len(sim)):
-            ranks = np.flatnonzero(match[r]) + 1
-            ap = float(np.mean(np.arange(1, len(ranks) + 1) / ranks)) if len(ranks) else 0.0
-            top = order[r, :k]
+            mine = ranks[bounds[r] : bounds[r + 1]]
+            ap = float(np.mean(np.arange(1, len(mine) + 1) / mine))
+            top = top_all[r]
             qi = start + r
             out.append(
                 {
@@ -55,7 +63,7 @@ def rankings(
                     "top_paths": [str(gallery_paths[j]) for j in top],
                     "top_pids": [int(g_pids[j]) for j in top],
                     "top_scores": [round(float(sim[r, j]), 6) for j in top],
-                    "first_correct_rank": int(ranks[0]) if len(ranks) else None,
+                    "first_correct_rank": int(mine[0]),
                     "ap": round(ap, 6),
                 }
             )
