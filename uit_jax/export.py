@@ -135,6 +135,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="the model folder to write (replaced if it exists)")
     p.add_argument("--step", default="best", help="best (by validation R1; default), latest, or a step number")
     a = p.parse_args(argv)
+    if a.step not in ("best", "latest") and not a.step.isdigit():
+        p.error(f"--step must be best, latest or a step number, got {a.step!r}")
     which = a.step if a.step in ("best", "latest") else int(a.step)
     try:
         info = export_workdir(a.workdir, a.out, which)

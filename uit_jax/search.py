@@ -50,6 +50,8 @@ def parse(argv=None):
 
 
 def _load_retriever(a) -> retrieval.Retriever:
+    if a.step not in ("best", "latest") and not a.step.isdigit():
+        raise ValueError(f"--step must be best, latest or a step number, got {a.step!r}")
     step = a.step if a.step in ("best", "latest") else int(a.step)
     return retrieval.Retriever.load(a.model, image_size=a.image_size, step=step, tokenizer=a.tokenizer)
 
