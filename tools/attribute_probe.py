@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 
@@ -52,12 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--split", default="test")
     a = p.parse_args(argv)
     root = os.path.expanduser(a.data_root)
-    spec = synth.read_spec(root)
-    if spec is None:
-        raise SystemExit(f"{root} holds no {synth.SPEC_FILE}: not a synthetic set written by uit_jax.")
-    idents = {i + 1: x for i, x in enumerate(synth._identities(spec))}
-    with open(os.path.join(root, "reid_raw.json")) as f:
-        annos = [x for x in json.load(f) if x["split"] == a.split]
+    idents, annos = caption_oracle.read_split(root, a.split)
     size = tuple(int(s) for s in a.image_size.split(","))
     r = retrieval.Retriever.load(a.workdir or a.model, image_size=size, step=a.step)
     z_img = r.encode_images([os.path.join(root, "imgs", x["file_path"]) for x in annos])

@@ -75,18 +75,23 @@ def oracle_metrics(annos: list[dict], identities: dict[int, synth.Identity], dra
     return {k: round(float(np.mean([r[k] for r in runs])), 2) for k in runs[0]}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data_root", required=True, help="a generated synthetic set (holds synthetic_spec.json)")
-    p.add_argument("--split", default="test")
-    a = p.parse_args(argv)
-    root = os.path.expanduser(a.data_root)
+def read_split(data_root: str, split: str) -> tuple[dict[int, synth.Identity], list[dict]]:
+    """(identity by annotation id, the split's annotation entries) of a generated synthetic set folder."""
+    root = os.path.expanduser(data_root)
     spec = synth.read_spec(root)
     if spec is None:
         raise SystemExit(f"{root} holds no {synth.SPEC_FILE}: not a synthetic set written by uit_jax.")
     identities = {i + 1: ident for i, ident in enumerate(synth._identities(spec))}
     with open(os.path.join(root, "reid_raw.json")) as f:
-        annos = [x for x in json.load(f) if x["split"] == a.split]
+        return identities, [x for x in json.load(f) if x["split"] == split]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_root", required=True, help="a generated synthetic set (holds synthetic_spec.json)")
+    p.add_argument("--split", default="test")
+    a = p.parse_args(argv)
+    identities, annos = read_split(a.data_root, a.split)
     out = oracle_metrics(annos, identities)
     print(f"oracle on {a.split} ({len(annos)} images):", out)
     return out

@@ -448,6 +448,20 @@ def _check_writable(folder: str) -> None:
         ) from e
 
 
+def _make_train_step(config, setup, spe, tx, schedule, state_sh, mesh):
+    """The jitted train step of the configured objectives (weights, temperature, triplet start)."""
+    loss_fn = steps.make_loss_fn(
+        setup.model,
+        {k: config.loss[k] for k in steps.OBJECTIVES},
+        logit_scale=1.0 / config.model.temperature,
+        patch_size=setup.clip_config.patch_size,
+        triplet_margin=config.loss.triplet_margin,
+        norm_pix=config.loss.norm_pix,
+        start_steps={"triplet": epochs_to_steps(config.loss.triplet_start_epochs, spe)},
+    )
+    return steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
+
+
 def _train(config, workdir, mesh, stop_after) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
@@ -484,16 +498,7 @@ def _train(config, workdir, mesh, stop_after) -> dict:
         writer.write_hparams(hp)
     logging.info("Model: %.1fM parameters, compute dtype %s", n_params / 1e6, setup.model.dtype.__name__)
 
-    loss_fn = steps.make_loss_fn(
-        setup.model,
-        {k: config.loss[k] for k in steps.OBJECTIVES},
-        logit_scale=1.0 / config.model.temperature,
-        patch_size=setup.clip_config.patch_size,
-        triplet_margin=config.loss.triplet_margin,
-        norm_pix=config.loss.norm_pix,
-        start_steps={"triplet": epochs_to_steps(config.loss.triplet_start_epochs, spe)},
-    )
-    train_step = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
+    train_step = _make_train_step(config, setup, spe, tx, schedule, state_sh, mesh)
     enc = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
     data = pipeline.make_train_iterator(
         config.data,
