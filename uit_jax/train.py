@@ -563,7 +563,10 @@ def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mes
     rows = {}
     best_r1 = ckpt.best()
     with jax.set_mesh(mesh):
-        last, ranked, source = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test, details=True)
+        # The rankings and report are of the reported checkpoint: the best one when there is one, else the last.
+        last = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test, details=best_r1 is None)
+        if best_r1 is None:
+            last, ranked, source = last
         label = f"last (step {step})"
         results["test_at_last"] = last
         rows[f"{test} @ {label}"] = last
