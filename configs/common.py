@@ -36,6 +36,14 @@ def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
             decoder_residual=False,  # SEN drops the residual around the text cross-attention; True keeps it.
             mlm_layers=4,  # IRRA-style MLM head depth (only built when loss.mlm > 0).
             dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
+            # Each tower's (and the decoder's) layers under jax.lax.scan: XLA compiles one layer, not 12/24. Same
+            # parameters, same maths (models/layers.blocks). Off: on CPU it did not shorten the ViT-B/16 train
+            # step's compile (dominated by the per-parameter optimizer update) and slowed the mini step (README,
+            # "Benchmarks"); on GPU it is still to be measured.
+            scan_layers=False,
+            # Per-layer rematerialisation: 'none', 'full' (recompute every activation) or 'dots' (keep matmul
+            # outputs). Trades compute for activation memory (README, "Benchmarks": the memory table).
+            remat="none",
         )
     )
 

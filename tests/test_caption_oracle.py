@@ -1,6 +1,7 @@
 """tools/caption_oracle.py: reads exactly the attributes a caption states, and ranks by them."""
 
 import numpy as np
+import pytest
 
 from tools import caption_oracle
 from uit_jax.data import synthetic as synth
@@ -29,3 +30,13 @@ def test_oracle_ranks_by_named_attributes():
     # Captions that name nothing: ranking is a coin toss among the three images.
     blank = [{"id": p, "captions": ["A person."]} for p in ids]
     assert caption_oracle.oracle_metrics(blank, ids, draws=5)["R1"] < 100.0
+
+
+def test_oracle_restricted_to_some_fields():
+    ids = {p: synth.sample_identity(np.random.default_rng([11, p])) for p in range(1, 41)}
+    annos = [{"id": p, "captions": [synth.make_caption(ids[p], np.random.default_rng([11, p, 1]))]} for p in ids]
+    full = caption_oracle.oracle_metrics(annos, ids, draws=3)
+    upper = caption_oracle.oracle_metrics(annos, ids, draws=3, fields=("upper_color",))
+    assert caption_oracle.oracle_metrics(annos, ids, draws=3, fields=())["R1"] < upper["R1"] <= full["R1"]
+    with pytest.raises(ValueError, match="Unknown attribute field"):
+        caption_oracle.oracle_metrics(annos, ids, fields=("colour",))

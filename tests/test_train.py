@@ -175,6 +175,7 @@ def test_nonfinite_losses_stop_the_run_with_last_good_checkpoint(data_root, tmp_
         ({"data.name": "market1501"}, "not a known dataset"),
         ({"loss.sdm": -1.0}, "must be >= 0"),
         ({"loss.triplet_start_epochs": -1.0}, "triplet_start_epochs=-1.0 must be >= 0"),
+        ({"model.remat": "some"}, "config.model.remat='some' is not a remat policy: use one of none, full, dots"),
         ({"data.image_size": (128,)}, r"image_size=\(128,\) must be \(height, width\)"),
         ({"loss.mlm": 1.0}, "set --config.data.mlm_outputs=True"),
         ({"data.tagger": "/nonexistent/tags.tsv"}, "cannot read the word->tag file"),

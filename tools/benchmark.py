@@ -1,12 +1,25 @@
-"""Train-step benchmark on random in-memory inputs: step time, pairs/s, compile time, peak memory, FLOPs and MFU.
+"""Train-step benchmark on random in-memory inputs: step time, pairs/s, compile time, memory, FLOPs and MFU.
 
 Runs without TensorFlow (model, losses and the train step only), so it works on accelerator images that lack it.
 
   python tools/benchmark.py --preset=vit-b16 --image_size=384,128 --batch=128 --steps=20       # on a GPU/TPU
   python tools/benchmark.py --preset=small --image_size=128,64 --batch=64 --dtype=float32      # on CPU
 
-Prints one JSON line with the medians (and per-step times) so runs can be compared; MFU is reported when the
-device's peak bf16 FLOP/s is known (or given with --peak_tflops).
+Prints one JSON line with the medians so runs can be compared. FLOPs are counted analytically per component
+(`uit_jax/flops.py`: towers, restoration pass, decoder, heads and losses; training = 3 x forward), which is what
+MFU uses (when the device's peak bf16 FLOP/s is known, or given with --peak_tflops). Without --scan=1, XLA's own
+count is printed beside it (`xla_gflops_per_pair`, `xla_over_analytic`): a check on CPU, where it counts every op
+(the elementwise ones too, so slightly more), an under-count on GPU, where cuBLAS/cuDNN calls are left out of it,
+and meaningless under scan, where it counts the loop body once.
+
+Two more modes:
+  --table=VARIANTS  one process, one row per variant, a markdown table with ratios to the first row, e.g.
+                    --table='full;align;remat=full;batch=256' (a variant is ';'-separated, its settings
+                    ','-separated key=value overriding the command line: objectives, batch, remat, scan, dtype,
+                    text_len, preset, image_size, fsdp). 'full' and 'align' are objectives.
+  --aot             compile only, from abstract shapes (no weights, nothing run), and print XLA's memory analysis
+                    of the step: arguments, outputs, temporaries, and the total a device must hold. With
+                    --table, one row per variant: the memory table of the README.
 """
 
 from __future__ import annotations
@@ -47,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="compute dtype: auto|float32|bfloat16")
     p.add_argument("--objectives", default="full", help="'full' (SDM+ID+triplet+restoration) or 'align' (no TIR)")
     p.add_argument("--fsdp", type=int, default=1, help="size of the fsdp mesh axis")
+    p.add_argument("--scan", type=int, default=0, help="1: layers under jax.lax.scan; 0: a loop (the default config)")
+    p.add_argument("--remat", default="none", help="per-layer rematerialisation: none|full|dots")
+    p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
+    p.add_argument("--table", default="", help="';'-separated variants, one table row each (see the docstring)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak TFLOP/s for MFU")
     p.add_argument("--out", default="", help="also write the JSON here")
     return p.parse_args(argv)
@@ -60,7 +77,7 @@ def build(args):
     import jax
     import jax.numpy as jnp
 
-    from uit_jax import optim, sharding, steps
+    from uit_jax import flops, optim, sharding, steps
     from uit_jax.models import clip as clip_lib
     from uit_jax.models import uit as uit_lib
 
@@ -72,7 +89,12 @@ def build(args):
     weights = dict(OBJECTIVES, restoration=0.0 if args.objectives == "align" else OBJECTIVES["restoration"])
     cfg = clip_lib.config_from_preset(args.preset, image_size=(h, w), text_len=args.text_len)
     model = uit_lib.UIT(
-        clip_config=cfg, num_classes=args.num_classes, use_restoration=weights["restoration"] > 0, dtype=dtype
+        clip_config=cfg,
+        num_classes=args.num_classes,
+        use_restoration=weights["restoration"] > 0,
+        dtype=dtype,
+        scan=bool(args.scan),
+        remat=args.remat,
     )
     mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
     sharding.check_batch_divisible(args.batch, mesh)
@@ -89,18 +111,34 @@ def build(args):
     tx = optim.make_optimizer(params_shape, schedule=schedule)
     abstract = jax.eval_shape(lambda p: steps.init_state(p, tx), params_shape)
     state_sh = sharding.shardings_for(sharding.param_partition_specs(abstract, ((".*", "fsdp"),), mesh), mesh)
-    state = jax.jit(lambda r: steps.init_state(init(r), tx), out_shardings=state_sh)(rng)
+    if args.aot:  # abstract state: shapes and shardings only, no memory
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    else:
+        state = jax.jit(lambda r: steps.init_state(init(r), tx), out_shardings=state_sh)(rng)
     loss_fn = steps.make_loss_fn(model, weights, logit_scale=50.0, patch_size=cfg.patch_size)
     step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
-    return dict(cfg=cfg, mesh=mesh, state=state, abstract=abstract, step_fn=step_fn, dtype=dtype, size=(h, w))
+    analytic = flops.train_step(
+        cfg, args.batch, num_classes=args.num_classes, restoration=weights["restoration"] > 0, triplet=True
+    )
+    return dict(
+        cfg=cfg, mesh=mesh, state=state, abstract=abstract, step_fn=step_fn, dtype=dtype, size=(h, w), flops=analytic
+    )
 
 
 def random_batch(args, cfg, size, mesh):
-    """A global batch of random images, captions (end-of-text last) and identities."""
+    """A global batch of random images, captions (end-of-text last) and identities (abstract with --aot)."""
+    import jax
     import numpy as np
 
     from uit_jax import sharding
 
+    if args.aot:
+        sh = sharding.batch_sharding(mesh)
+        return {
+            "images": jax.ShapeDtypeStruct((args.batch, *size, 3), np.float32, sharding=sh),
+            "text": jax.ShapeDtypeStruct((args.batch, cfg.text_len), np.int32, sharding=sh),
+            "pid": jax.ShapeDtypeStruct((args.batch,), np.int32, sharding=sh),
+        }
     rng = np.random.default_rng(0)
     batch = {
         "images": rng.standard_normal((args.batch, *size, 3), np.float32),
@@ -124,6 +162,8 @@ def time_steps(step_fn, state, batch, mesh, n_steps):
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
         mem = compiled.memory_analysis()
+        if n_steps == 0:  # --aot: nothing to run
+            return dict(compile_s=compile_s, flops=flops, mem=mem, times=[], loss=None)
         for _ in range(2):
             state, m = step_fn(state, batch, rng)
         jax.block_until_ready(m)
@@ -136,19 +176,33 @@ def time_steps(step_fn, state, batch, mesh, n_steps):
     return dict(compile_s=compile_s, flops=flops, mem=mem, times=times, loss=float(m["loss"]))
 
 
+def _memory(mem) -> dict:
+    """XLA's buffer assignment of the compiled step, MiB: what one device holds at the peak of the step."""
+    if mem is None:
+        return {}
+    mib = lambda b: round(b / 2**20, 1)
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return dict(
+        args_mib=mib(mem.argument_size_in_bytes),
+        output_mib=mib(mem.output_size_in_bytes),
+        temp_mib=mib(mem.temp_size_in_bytes),
+        alias_mib=mib(mem.alias_size_in_bytes),
+        total_mib=mib(total),
+    )
+
+
 def report(args, built, timed) -> dict:
-    """The JSON record: medians, pairs/s, FLOPs, MFU (when the peak is known), memory."""
+    """The JSON record: medians, pairs/s, analytic and XLA FLOPs, MFU (when the peak is known), memory."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    mesh, times, flops, mem = built["mesh"], timed["times"], timed["flops"], timed["mem"]
-    med = statistics.median(times)
+    mesh, times, xla_flops, an = built["mesh"], timed["times"], timed["flops"], built["flops"]
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
-    # cost_analysis counts the FLOPs of the whole (global) program on one device's share when sharded.
-    flops_per_step = flops * (mesh.size if flops else 0)
+    # cost_analysis counts the FLOPs of one device's share of the (global) program when sharded.
+    xla_step = xla_flops * mesh.size
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(built["abstract"]["params"]))
     out = dict(
         device=kind,
@@ -159,23 +213,87 @@ def report(args, built, timed) -> dict:
         batch=args.batch,
         dtype=jnp.dtype(built["dtype"]).name,
         objectives=args.objectives,
+        scan=bool(args.scan),
+        remat=args.remat,
         params_millions=round(n_params / 1e6, 2),
         compile_s=round(timed["compile_s"], 2),
-        step_s_median=round(med, 5),
-        step_s_min=round(min(times), 5),
-        step_s_max=round(max(times), 5),
-        pairs_per_s=round(args.batch / med, 1),
-        gflops_per_pair=round(flops_per_step / args.batch / 1e9, 4) if flops else None,
-        tflops_per_s=round(flops_per_step / med / 1e12, 2) if flops else None,
-        mfu=round(flops_per_step / med / (peak * 1e12 * mesh.size), 4) if (flops and peak) else None,
-        temp_mib=round(mem.temp_size_in_bytes / 2**20, 1) if mem else None,
-        args_mib=round(mem.argument_size_in_bytes / 2**20, 1) if mem else None,
-        loss=timed["loss"],
+        gflops_per_pair=round(an.per_pair() / 1e9, 4),
+        gflops_per_pair_by_component={k: round(3 * v / an.batch / 1e9, 4) for k, v in an.components.items()},
     )
+    # XLA's cost analysis counts a while loop's body once, not once per trip: under scan its count is meaningless.
+    if xla_flops and not args.scan:
+        out.update(
+            xla_gflops_per_pair=round(xla_step / args.batch / 1e9, 4),
+            xla_over_analytic=round(xla_step / an.train, 3),
+        )
+    if times:
+        med = statistics.median(times)
+        out.update(
+            step_s_median=round(med, 5),
+            step_s_min=round(min(times), 5),
+            step_s_max=round(max(times), 5),
+            pairs_per_s=round(args.batch / med, 1),
+            tflops_per_s=round(an.train / med / 1e12, 2),
+            mfu=round(an.train / med / (peak * 1e12 * mesh.size), 4) if peak else None,
+            loss=timed["loss"],
+        )
+    out.update(_memory(timed["mem"]))
     stats = getattr(dev, "memory_stats", lambda: None)()
-    if stats and "peak_bytes_in_use" in stats:
+    if times and stats and "peak_bytes_in_use" in stats:
         out["peak_device_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
     return out
+
+
+def run_one(args) -> dict:
+    built = build(args)
+    batch = random_batch(args, built["cfg"], built["size"], built["mesh"])
+    timed = time_steps(built["step_fn"], built["state"], batch, built["mesh"], 0 if args.aot else args.steps)
+    return report(args, built, timed)
+
+
+VARIANT_KEYS = dict(
+    objectives=str, batch=int, remat=str, scan=int, dtype=str, text_len=int, preset=str, image_size=str, fsdp=int
+)
+
+
+def parse_variant(spec: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:
+    """'align' / 'full' / 'batch=256,remat=full' -> (label, the arguments with those settings)."""
+    args = argparse.Namespace(**vars(base))
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, value = item.partition("=")
+        if not value and key in ("full", "align"):
+            key, value = "objectives", key
+        if key not in VARIANT_KEYS or not value:
+            raise SystemExit(
+                f"--table: cannot read {item!r} in variant {spec!r}; use 'full', 'align' or key=value with key one "
+                f"of {sorted(VARIANT_KEYS)}"
+            )
+        setattr(args, key, VARIANT_KEYS[key](value.replace("x", ",") if key == "image_size" else value))
+    return spec.strip(), args
+
+
+def table(rows: list[tuple[str, dict]], aot: bool) -> str:
+    """Markdown: one row per variant, with ratios to the first row."""
+    if aot:
+        head = "| variant | compile s | args MiB | temp MiB | total MiB | total / first |"
+        lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+        base = rows[0][1]["total_mib"]
+        for label, r in rows:
+            ratio = r["total_mib"] / base
+            lines.append(
+                f"| {label} | {r['compile_s']} | {r['args_mib']} | {r['temp_mib']} | {r['total_mib']} | {ratio:.2f} |"
+            )
+        return "\n".join(lines)
+    head = "| variant | step s (median) | pairs/s | x first | compile s | GFLOP/pair | TFLOP/s | MFU | temp MiB |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = rows[0][1]["pairs_per_s"]
+    for label, r in rows:
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.3f}"
+        lines.append(
+            f"| {label} | {r['step_s_median']} | {r['pairs_per_s']} | {r['pairs_per_s'] / base:.2f} | "
+            f"{r['compile_s']} | {r['gflops_per_pair']} | {r['tflops_per_s']} | {mfu} | {r['temp_mib']} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -183,14 +301,21 @@ def main(argv=None):
     from uit_jax import compile_cache  # noqa: PLC0415
 
     compile_cache.enable()  # a second run of the same benchmark loads its programs (UIT_JAX_CACHE= turns it off)
-    built = build(args)
-    batch = random_batch(args, built["cfg"], built["size"], built["mesh"])
-    out = report(args, built, time_steps(built["step_fn"], built["state"], batch, built["mesh"], args.steps))
-    line = json.dumps(out)
-    print(line)
+    if args.table:
+        rows = []
+        for spec in filter(None, (v.strip() for v in args.table.split(";"))):
+            label, v_args = parse_variant(spec, args)
+            rows.append((label, run_one(v_args)))
+            print(json.dumps(dict(variant=label, **rows[-1][1])), flush=True)
+        text = table(rows, args.aot)
+        print(text)
+        out = dict(rows=[dict(variant=label, **r) for label, r in rows], table=text)
+    else:
+        out = run_one(args)
+        print(json.dumps(out))
     if args.out:
         with open(args.out, "w") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(out) + "\n")
     return out
 
 

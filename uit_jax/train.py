@@ -31,7 +31,7 @@ from uit_jax.data import defaults as data_defaults
 from uit_jax.data import pipeline
 from uit_jax.data import tokenizer as tok_lib
 from uit_jax.models import clip as clip_lib
-from uit_jax.models import convert
+from uit_jax.models import convert, layers
 from uit_jax.models import uit as uit_lib
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,6 +88,11 @@ def validate_config(config, num_devices: int) -> None:
         errors.append(f"config.loss.triplet_start_epochs={config.loss.triplet_start_epochs} must be >= 0.")
     if not 0.0 <= config.model.drop_ratio < 1.0:
         errors.append(f"config.model.drop_ratio={config.model.drop_ratio} must be in [0, 1).")
+    if config.model.get("remat", "none") not in layers.REMAT_POLICIES:
+        errors.append(
+            f"config.model.remat={config.model.remat!r} is not a remat policy: use one of "
+            f"{', '.join(layers.REMAT_POLICIES)}."
+        )
     if config.loss.mlm > 0 and not config.data.mlm_outputs:
         errors.append(
             f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "
@@ -157,6 +162,8 @@ def build(config, *, num_classes: int | None = None) -> Setup:
         use_mlm=loss.mlm > 0,
         mlm_layers=config.model.mlm_layers,
         dtype=dtype,
+        scan=config.model.get("scan_layers", False),
+        remat=layers.check_remat(config.model.get("remat", "none")),
     )
     return Setup(model=model, clip_config=clip_cfg, init_clip_params=clip_params, tokenizer=tokenizer, info=info)
 

@@ -133,6 +133,8 @@ def config_from_preset(name: str, **overrides) -> CLIPConfig:
 
 
 class Encoder(nn.Module):
+    """`layers` pre-LN blocks named `layers_{i}`; `scan` / `remat` as in `layers.blocks` (same parameters)."""
+
     width: int
     layers: int
     heads: int
@@ -142,22 +144,27 @@ class Encoder(nn.Module):
     causal: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
-        for i in range(self.layers):
-            x = layers.Block(
-                self.width,
-                self.heads,
-                self.mlp,
-                self.act,
-                self.eps,
-                self.causal,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"layers_{i}",
-            )(x)
-        return x
+        return layers.blocks(
+            self,
+            x,
+            self.layers,
+            "layers_",
+            scan=self.scan,
+            remat=self.remat,
+            width=self.width,
+            heads=self.heads,
+            mlp=self.mlp,
+            act=self.act,
+            eps=self.eps,
+            causal=self.causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
 
 class TextEmbeddings(nn.Module):
@@ -248,6 +255,8 @@ class TextModel(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, ids):
@@ -263,6 +272,8 @@ class TextModel(nn.Module):
             c.act,
             c.layer_norm_eps,
             causal=True,
+            scan=self.scan,
+            remat=self.remat,
             name="encoder",
             **kw,
         )(x)
@@ -273,6 +284,8 @@ class VisionModel(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
 
     def setup(self):
         c = self.config
@@ -287,6 +300,8 @@ class VisionModel(nn.Module):
             c.act,
             c.layer_norm_eps,
             False,
+            scan=self.scan,
+            remat=self.remat,
             **kw,
         )
         self.post_layernorm = layers.LayerNorm(c.layer_norm_eps, **kw)
@@ -301,17 +316,23 @@ class VisionModel(nn.Module):
 
 
 class CLIP(nn.Module):
-    """CLIP with both towers and their projections; see `encode_text` / `encode_image` for the outputs."""
+    """CLIP with both towers and their projections; see `encode_text` / `encode_image` for the outputs.
+
+    `scan` runs each tower's layers under `jax.lax.scan` (one layer compiled, not 12 or 24) and `remat` picks a
+    rematerialisation policy per layer (`layers.REMAT_POLICIES`); neither changes the parameters or the maths.
+    """
 
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan: bool = False
+    remat: str = "none"
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.text_model = TextModel(c, **kw)
-        self.vision_model = VisionModel(c, **kw)
+        self.text_model = TextModel(c, scan=self.scan, remat=self.remat, **kw)
+        self.vision_model = VisionModel(c, scan=self.scan, remat=self.remat, **kw)
         proj = lambda width, name: nn.Dense(
             c.embed_dim, use_bias=False, kernel_init=nn.initializers.normal(width**-0.5), name=name, **kw
         )

@@ -71,6 +71,7 @@ class RestorationDecoder(nn.Module):
       residual: False (SEN) replaces x by the cross-attention output; True adds it to x.
       act: MLP activation, 'quick_gelu' (CLIP), 'gelu' or 'gelu_tanh'.
       dtype: compute dtype; LayerNorms run in float32. param_dtype: parameter dtype.
+      scan, remat: how the `layers` blocks run (`layers.blocks`); the parameters and the maths are the same.
     """
 
     grid: tuple[int, int]
@@ -83,6 +84,8 @@ class RestorationDecoder(nn.Module):
     act: str = "quick_gelu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, img_tokens, ids_restore, txt_tokens, txt_mask):
@@ -142,16 +145,20 @@ class RestorationDecoder(nn.Module):
         x = x + c if self.residual else c
         x = ln(x, "ln_cross")
 
-        for i in range(self.layers):
-            x = layers.Block(
-                self.width,
-                self.heads,
-                int(self.width * self.mlp_ratio),
-                self.act,
-                name=f"cross_layers_{i}",
-                **std,
-                **kw,
-            )(x)
+        x = layers.blocks(
+            self,
+            x,
+            self.layers,
+            "cross_layers_",
+            scan=self.scan,
+            remat=self.remat,
+            width=self.width,
+            heads=self.heads,
+            mlp=int(self.width * self.mlp_ratio),
+            act=self.act,
+            **std,
+            **kw,
+        )
 
         x = ln(x, "ln_post")
         x = nn.Dense(self.patch_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pred")(x)

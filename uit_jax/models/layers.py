@@ -151,6 +151,54 @@ class Block(nn.Module):
         return x + MLP(self.mlp, self.act, self.fc_std, self.proj_std, name="mlp", **kw)(h)
 
 
+# Rematerialisation policies (`remat`): which activations of a block the backward pass keeps rather than recomputes.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # keep everything (no remat)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input; recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs, recompute the rest
+}
+
+
+def check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)} ('none' turns it off).")
+    return remat
+
+
+def blocks(parent: nn.Module, x, count: int, prefix: str, *, scan: bool = False, remat: str = "none", **block_kw):
+    """Runs `count` Blocks named `{prefix}{i}` (children of `parent`, called from its compact method) on x.
+
+    The parameters always live unrolled, one subtree per layer (`layers_0`, `layers_1`, ...: the Hugging Face
+    layout that conversion, checkpoints, lr groups and sharding rules read), whatever the options:
+      scan=False: a Python loop, one copy of the block in the program per layer;
+      scan=True: the per-layer parameters are stacked and one block runs under `jax.lax.scan`, so XLA compiles a
+        single layer (compile time no longer grows with depth); numerically the same function.
+      remat: 'none' | 'full' | 'dots' (`REMAT_POLICIES`): recompute the block's activations in the backward pass
+        instead of keeping them (memory for compute), per block.
+    Initialisation always takes the loop (it creates the parameters).
+    """
+    policy = REMAT_POLICIES[check_remat(remat)]
+    if not scan or count < 2 or parent.is_initializing():
+        cls = Block if remat == "none" else nn.remat(Block, policy=policy)
+        for i in range(count):
+            x = cls(**block_kw, name=f"{prefix}{i}")(x)
+        return x
+    params = parent.variables["params"]
+    missing = [f"{prefix}{i}" for i in range(count) if f"{prefix}{i}" not in params]
+    if missing:
+        raise ValueError(f"{parent.name or type(parent).__name__}: no parameters for block(s) {missing}.")
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"{prefix}{i}"] for i in range(count)])
+    block = Block(**block_kw, parent=None)  # unbound: applied as a pure function of one layer's parameters
+
+    def body(h, p):
+        return block.apply({"params": p}, h), None
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x
+
+
 def init_stds(width: int, layers: int) -> dict[str, float]:
     """CLIP's (and SEN's, IRRA's) init for new transformer modules: attn in, out projections, MLP fc1."""
     attn_std = width**-0.5

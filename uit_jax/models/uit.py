@@ -76,10 +76,12 @@ class UIT(nn.Module):
     use_mlm: bool = False
     mlm_layers: int = 4
     dtype: Any = jnp.float32
+    scan: bool = False  # towers' and decoder's layers under jax.lax.scan (`layers.blocks`): compile time
+    remat: str = "none"  # 'none' | 'full' | 'dots': per-layer rematerialisation (memory for compute)
 
     def setup(self):
         cfg = self.clip_config
-        self.clip = clip_lib.CLIP(cfg, dtype=self.dtype)
+        self.clip = clip_lib.CLIP(cfg, dtype=self.dtype, scan=self.scan, remat=self.remat)
         if self.use_id:
             # SEN: normal(std=0.001) weights, zero bias; kept in float32 (the reference runs it in fp16).
             self.classifier = nn.Dense(
@@ -101,6 +103,8 @@ class UIT(nn.Module):
                 residual=self.decoder_residual,
                 act=cfg.act,
                 dtype=self.dtype,
+                scan=self.scan,
+                remat=self.remat,
             )
         if self.use_mlm:
             self.mlm_head = MLMHead(
