@@ -16,7 +16,17 @@ from uit_jax.data import defaults as data_defaults
 # image for the restoration targets.
 VARIANTS = {
     "vit-b16": dict(preset="vit-b16", init="openai/clip-vit-base-patch16", stride=16, image_size=(384, 128)),
-    "vit-l14": dict(preset="vit-l14", init="openai/clip-vit-large-patch14", stride=14, image_size=(378, 126)),
+    # ViT-L/14 keeps its activations within one 80 GB GPU at batch 128 by recomputing each layer's activations in
+    # the backward pass (remat 'full', under scan, which is where XLA honours it): XLA's memory analysis of the
+    # step puts it at 25 GiB against 167 GiB without (README, "Benchmarks", the memory table).
+    "vit-l14": dict(
+        preset="vit-l14",
+        init="openai/clip-vit-large-patch14",
+        stride=14,
+        image_size=(378, 126),
+        scan_layers=True,
+        remat="full",
+    ),
 }
 
 
@@ -37,13 +47,13 @@ def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
             mlm_layers=4,  # IRRA-style MLM head depth (only built when loss.mlm > 0).
             dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
             # Each tower's (and the decoder's) layers under jax.lax.scan: XLA compiles one layer, not 12/24. Same
-            # parameters, same maths (models/layers.blocks). Off: on CPU it did not shorten the ViT-B/16 train
-            # step's compile (dominated by the per-parameter optimizer update) and slowed the mini step (README,
-            # "Benchmarks"); on GPU it is still to be measured.
-            scan_layers=False,
+            # parameters, same maths (models/layers.blocks). Off by default: on CPU it did not shorten the ViT-B/16
+            # train step's compile (mostly outside the layers' gradient) and slowed the mini step (README,
+            # "Benchmarks"); on GPU it is still to be measured. The vit-l14 variant turns it on, for remat.
+            scan_layers=v.get("scan_layers", False),
             # Per-layer rematerialisation: 'none', 'full' (recompute every activation) or 'dots' (keep matmul
             # outputs). Trades compute for activation memory (README, "Benchmarks": the memory table).
-            remat="none",
+            remat=v.get("remat", "none"),
         )
     )
 

@@ -281,6 +281,9 @@ def test_vit_l14_variant_is_valid_and_builds_its_grid(name):
     config = importlib.import_module(f"configs.{name}").get_config("vit-l14")
     train.validate_config(config, 1)
     assert tuple(config.data.image_size) == (378, 126) and config.model.stride == 14
+    assert config.model.scan_layers and config.model.remat == "full"  # fits one 80 GB GPU at batch 128
+    base = importlib.import_module(f"configs.{name}").get_config()
+    assert not base.model.scan_layers and base.model.remat == "none"
     c = clip_lib.config_from_preset("vit-l14", image_size=config.data.image_size, stride=config.model.stride)
     model = clip_lib.CLIP(c)
     shapes = jax.eval_shape(
