@@ -19,9 +19,9 @@ WEIGHTS = dict(sdm=1.0, id=1.0, triplet=10.0, restoration=10.0, itc=0.5, mlm=0.0
 RTOL = numerics.reduction_rtol(256)
 
 
-def _setup(batch=8):
+def _setup(batch=8, **model_kw):
     cfg = clip_lib.config_from_preset("tiny", image_size=(32, 16), vocab_size=64, text_len=12, eot_token_id=63)
-    model = uit_lib.UIT(clip_config=cfg, num_classes=5, drop_ratio=0.5, decoder_layers=1)
+    model = uit_lib.UIT(clip_config=cfg, num_classes=5, drop_ratio=0.5, decoder_layers=1, **model_kw)
     rng = np.random.default_rng(0)
     text = rng.integers(1, 60, (batch, cfg.text_len)).astype(np.int32)
     text[:, 7] = 63  # end-of-text, then padding
@@ -37,8 +37,8 @@ def _setup(batch=8):
     return cfg, model, params, batch_np
 
 
-def _run(mesh, n_steps=2):
-    cfg, model, params, batch_np = _setup()
+def _run(mesh, n_steps=2, **model_kw):
+    cfg, model, params, batch_np = _setup(**model_kw)
     # Plain SGD: Adam would turn float rounding in near-zero gradients into lr-sized differences.
     tx = optax.sgd(0.5)
     loss_fn = steps.make_loss_fn(model, WEIGHTS, logit_scale=50.0, patch_size=cfg.patch_size)
@@ -84,6 +84,18 @@ def test_fsdp_mesh_matches_data_mesh():
     _, _, params0, _ = _setup()
     rel, moved = numerics.assert_updates_close(p_d, p_f, params0, RTOL)
     print(f"data vs data x fsdp mesh: {rel:.3g} of the move {moved:.3g}")
+
+
+def test_scan_and_remat_under_fsdp_match_the_loop():
+    """The ViT-L/14 setting (layers under scan, full remat) on a sharded mesh: the same step as the plain loop."""
+    data = sharding.make_mesh({"data": -1})
+    fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})
+    l_d, p_d, _ = _run(data, n_steps=1)
+    l_s, p_s, _ = _run(fsdp, n_steps=1, scan=True, remat="full")
+    np.testing.assert_allclose(l_d, l_s, rtol=RTOL)
+    _, _, params0, _ = _setup()
+    rel, moved = numerics.assert_updates_close(p_d, p_s, params0, RTOL)
+    print(f"loop on data vs scan + remat on data x fsdp: {rel:.3g} of the move {moved:.3g}")
 
 
 def test_weight_zero_skips_objective():
