@@ -5,39 +5,32 @@ import pytest
 from tools import benchmark
 
 
-def test_benchmark_reports_step_time_and_flops(tmp_path):
+def test_benchmark_table_and_aot(tmp_path, capsys):
+    common = ["--preset=tiny", "--image_size=32,16", "--text_len=12", "--num_classes=5", "--dtype=float32"]
     out = benchmark.main(
-        ["--preset=tiny", "--image_size=32,16", "--text_len=12", "--batch=8", "--num_classes=5", "--steps=2",
-         "--dtype=float32", f"--out={tmp_path / 'b.json'}"]
-    )  # fmt: skip
-    assert out["pairs_per_s"] > 0 and out["step_s_min"] <= out["step_s_median"] <= out["step_s_max"]
-    assert out["gflops_per_pair"] > 0 and out["params_millions"] > 0 and out["num_devices"] == 8
+        [*common, "--batch=8", "--steps=2", "--table=full;align,remat=full,scan=1", f"--out={tmp_path / 'b.json'}"]
+    )
     assert (tmp_path / "b.json").read_text().startswith("{")
+    full, scanned = out["rows"]
+    assert full["variant"] == "full" and scanned["variant"] == "align,remat=full,scan=1"
+    assert full["pairs_per_s"] > 0 and full["step_s_min"] <= full["step_s_median"] <= full["step_s_max"]
+    assert full["params_millions"] > 0 and full["num_devices"] == 8
     # Analytic count per component (3 x forward), next to XLA's CPU count of every op (matmuls and the rest).
-    parts = out["gflops_per_pair_by_component"]
-    assert abs(sum(parts.values()) - out["gflops_per_pair"]) < 1e-3 and "restoration_decoder" in parts
-    assert out["xla_over_analytic"] >= 1.0 and out["total_mib"] >= out["temp_mib"] > 0  # XLA counts every op
-
-
-def test_benchmark_table_and_aot(capsys):
-    common = ["--preset=tiny", "--image_size=32,16", "--text_len=12", "--batch=8", "--num_classes=5", "--steps=1",
-              "--dtype=float32"]  # fmt: skip
-    out = benchmark.main([*common, "--table=align,remat=full,scan=1;batch=16,scan=0"])
-    rows = {r["variant"]: r for r in out["rows"]}
-    scanned = rows["align,remat=full,scan=1"]
+    parts = full["gflops_per_pair_by_component"]
+    assert abs(sum(parts.values()) - full["gflops_per_pair"]) < 1e-3 and "restoration_decoder" in parts
+    assert full["xla_over_analytic"] >= 1.0 and full["total_mib"] >= full["temp_mib"] > 0
     assert scanned["objectives"] == "align" and scanned["remat"] == "full" and scanned["scan"] is True
     assert "restoration_decoder" not in scanned["gflops_per_pair_by_component"]
-    assert rows["batch=16,scan=0"]["batch"] == 16 and rows["batch=16,scan=0"]["scan"] is False
+    assert scanned["gflops_per_pair"] < full["gflops_per_pair"]  # no restoration pass
     assert "xla_over_analytic" not in scanned  # under scan XLA counts the loop body once
-    assert rows["batch=16,scan=0"]["gflops_per_pair"] > scanned["gflops_per_pair"]  # + the restoration pass
     assert "| align,remat=full,scan=1 |" in out["table"] and "| 1.00 |" in out["table"]
     # --aot compiles from abstract shapes: memory figures, no step run. At 8 pairs per device the activations
     # outweigh the tiny weights, so recomputing them (full remat, under scan: XLA:CPU's scheduler keeps the
     # recomputed activations of an unrolled program alive, README "Benchmarks") must need less temporary memory.
-    aot = benchmark.main([*common[:3], "--batch=64", *common[4:], "--aot", "--table=scan=1;scan=1,remat=full"])
-    full, remat = (r for r in aot["rows"])
-    assert "step_s_median" not in full and full["total_mib"] > 0
-    assert remat["temp_mib"] < full["temp_mib"]
+    aot = benchmark.main([*common, "--batch=64", "--aot", "--table=scan=1;scan=1,remat=full"])
+    plain, remat = aot["rows"]
+    assert "step_s_median" not in plain and plain["total_mib"] > 0
+    assert remat["temp_mib"] < plain["temp_mib"]
     with pytest.raises(SystemExit, match="cannot read 'batch'"):
         benchmark.main([*common, "--table=batch"])
     capsys.readouterr()

@@ -56,6 +56,16 @@ def _run(mesh, n_steps=2, **model_kw):
     return losses, jax.device_get(state["params"]), m
 
 
+_DATA_MESH_ONE_STEP = {}
+
+
+def _one_step_on_data_mesh():
+    """One step of the plain model on the 8-device data mesh, the reference of two tests (computed once)."""
+    if not _DATA_MESH_ONE_STEP:
+        _DATA_MESH_ONE_STEP["run"] = _run(sharding.make_mesh({"data": -1}), n_steps=1)
+    return _DATA_MESH_ONE_STEP["run"]
+
+
 def test_one_device_equals_eight_devices():
     one = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     eight = sharding.make_mesh({"data": -1})
@@ -74,9 +84,8 @@ def test_one_device_equals_eight_devices():
 
 
 def test_fsdp_mesh_matches_data_mesh():
-    data = sharding.make_mesh({"data": -1})
     fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})
-    l_d, p_d, _ = _run(data, n_steps=1)
+    l_d, p_d, _ = _one_step_on_data_mesh()
     l_f, p_f, _ = _run(fsdp, n_steps=1)
     np.testing.assert_allclose(l_d, l_f, rtol=RTOL)  # forward only: measured 6.6e-8
     # Was an absolute 1e-4 on a move of ~32 (3e-6 relative): 1.16e-4 on an AMD EPYC failed it. Measured here
@@ -88,9 +97,8 @@ def test_fsdp_mesh_matches_data_mesh():
 
 def test_scan_and_remat_under_fsdp_match_the_loop():
     """The ViT-L/14 setting (layers under scan, full remat) on a sharded mesh: the same step as the plain loop."""
-    data = sharding.make_mesh({"data": -1})
     fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})
-    l_d, p_d, _ = _run(data, n_steps=1)
+    l_d, p_d, _ = _one_step_on_data_mesh()
     l_s, p_s, _ = _run(fsdp, n_steps=1, scan=True, remat="full")
     np.testing.assert_allclose(l_d, l_s, rtol=RTOL)
     _, _, params0, _ = _setup()

@@ -9,4 +9,4 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements-test.txt
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"

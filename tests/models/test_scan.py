@@ -32,8 +32,10 @@ def setup():
     images = jnp.asarray(rng.standard_normal((3, 32, 32, 3)), jnp.float32)
     text = jnp.asarray(rng.integers(1, 98, (3, 77)), jnp.int32)
     key = jax.random.key(0)
-    params = uit_lib.UIT(clip_config=cfg, num_classes=7).init({"params": key, "dropout": key}, images, text, rng=key)
-    return cfg, images, text, key, params["params"]
+    model = uit_lib.UIT(clip_config=cfg, num_classes=7)
+    params = jax.jit(lambda k: model.init({"params": k, "dropout": k}, images, text, rng=k))(key)["params"]
+    reference = _value_and_grad(model, params, images, text, key)  # the plain loop, computed once
+    return cfg, images, text, key, params, reference
 
 
 def _value_and_grad(model, params, images, text, key):
@@ -41,19 +43,17 @@ def _value_and_grad(model, params, images, text, key):
         out = model.apply({"params": p}, images, text, rng=key)
         return sum(jnp.sum(jnp.square(v)) for k, v in out.items() if k != "patch_mask"), out
 
-    return jax.value_and_grad(f, has_aux=True)(params)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
 
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (True, "dots"), (False, "full")])
 def test_scan_and_remat_match_the_loop(setup, scan, remat):
-    cfg, images, text, key, params = setup
-    ref_model = uit_lib.UIT(clip_config=cfg, num_classes=7)
+    cfg, images, text, key, params, ((loss_ref, out_ref), g_ref) = setup
     model = uit_lib.UIT(clip_config=cfg, num_classes=7, scan=scan, remat=remat)
     # Same parameter tree: checkpoints, conversion, lr groups and sharding rules see no difference.
-    init = model.init({"params": key, "dropout": key}, images, text, rng=key)["params"]
+    init = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, images, text, rng=key))["params"]
     assert jax.tree.structure(init) == jax.tree.structure(params)
     assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
-    (loss_ref, out_ref), g_ref = _value_and_grad(ref_model, params, images, text, key)
     (loss, out), g = _value_and_grad(model, params, images, text, key)
     _close(out, out_ref)
     _close(g, g_ref)
@@ -65,7 +65,7 @@ def test_scan_and_remat_match_the_loop(setup, scan, remat):
 
 def test_scan_compiles_one_layer(setup):
     """Under scan the program holds one copy of the block: its matmuls do not grow with depth (the loop's do)."""
-    cfg, images, text, _, _ = setup
+    cfg, images, text, *_ = setup
 
     def matmuls(layers_n, scan):
         c = clip_lib.config_from_preset("tiny", vision_layers=layers_n, text_layers=layers_n)
