@@ -175,3 +175,14 @@ def test_disk_errors_are_one_sentence_naming_step_folder_and_last_good(tmp_path,
     assert "the last good checkpoint is step 1" in msg and str(tmp_path / "ck") in msg
     monkeypatch.undo()
     ckpt.close()
+
+
+def test_step_flag_of_export_and_search():
+    assert [ckpt_lib.parse_step(s) for s in ("best", "latest", "120")] == ["best", "latest", 120]
+    with pytest.raises(ValueError, match="--step must be best, latest or a step number, got 'last'"):
+        ckpt_lib.parse_step("last")
+    from uit_jax import export
+
+    with pytest.raises(SystemExit) as e:  # a usage error (argparse, exit code 2), before any file is touched
+        export.main(["--workdir=/nonexistent", "--out=/nonexistent/out", "--step=-3"])
+    assert e.value.code == 2

@@ -99,6 +99,15 @@ def _check_fingerprint(step, state, meta: dict) -> None:
         )
 
 
+def parse_step(text: str) -> str | int:
+    """A `--step` flag: 'best', 'latest' or a step number (int); anything else is a ValueError naming the value."""
+    if text in ("best", "latest"):
+        return text
+    if not text.isdigit():
+        raise ValueError(f"--step must be best, latest or a step number, got {text!r}")
+    return int(text)
+
+
 def read_state(directory: str, which: str | int = "best") -> Restored:
     """Reads a checkpoint without knowing the model: `which` is 'best' (by validation R1), 'latest' or a step.
 

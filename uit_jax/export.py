@@ -135,9 +135,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="the model folder to write (replaced if it exists)")
     p.add_argument("--step", default="best", help="best (by validation R1; default), latest, or a step number")
     a = p.parse_args(argv)
-    if a.step not in ("best", "latest") and not a.step.isdigit():
-        p.error(f"--step must be best, latest or a step number, got {a.step!r}")
-    which = a.step if a.step in ("best", "latest") else int(a.step)
+    from uit_jax import checkpoint as ckpt_lib  # noqa: PLC0415
+
+    try:
+        which = ckpt_lib.parse_step(a.step)
+    except ValueError as e:
+        p.error(str(e))
     try:
         info = export_workdir(a.workdir, a.out, which)
     except (FileNotFoundError, ValueError) as e:

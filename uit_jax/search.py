@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from uit_jax import checkpoint as ckpt_lib
 from uit_jax import report, retrieval
 from uit_jax.data import images as images_lib
 
@@ -50,9 +51,7 @@ def parse(argv=None):
 
 
 def _load_retriever(a) -> retrieval.Retriever:
-    if a.step not in ("best", "latest") and not a.step.isdigit():
-        raise ValueError(f"--step must be best, latest or a step number, got {a.step!r}")
-    step = a.step if a.step in ("best", "latest") else int(a.step)
+    step = ckpt_lib.parse_step(a.step)
     return retrieval.Retriever.load(a.model, image_size=a.image_size, step=step, tokenizer=a.tokenizer)
 
 

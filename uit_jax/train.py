@@ -163,7 +163,7 @@ def build(config, *, num_classes: int | None = None) -> Setup:
         mlm_layers=config.model.mlm_layers,
         dtype=dtype,
         scan=config.model.get("scan_layers", False),
-        remat=layers.check_remat(config.model.get("remat", "none")),
+        remat=config.model.get("remat", "none"),  # checked by validate_config (and by the model itself)
     )
     return Setup(model=model, clip_config=clip_cfg, init_clip_params=clip_params, tokenizer=tokenizer, info=info)
 
