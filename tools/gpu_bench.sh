@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU measurements of the speed issue, as one prepared script for a short lease on one GPU:
+#
+#   bash tools/gpu_bench.sh OUT_DIR [SECONDS]
+#
+# Runs, in priority order, each under its own time limit so that one slow compile cannot take the others with it,
+# and stops starting new runs when the time budget (default 480 s) is spent:
+#   1. ViT-B/16 384x128 batch 128, bf16: full objective and align-only (restoration off), layers in a loop.
+#   2. The full objective again in a new process: compile time with the persistent compilation cache warm.
+#   3. Layers under scan, then scan + full remat, then scan + full remat at batch 256.
+#   4. ViT-L/14 at 378x126 (the vit-l14 variant's shapes), batch 128, scan + full remat.
+#   5. Retrieval metrics at ICFG-PEDES size, similarities on the accelerator.
+# Each run writes one JSON line per variant to OUT_DIR/<n>_<name>.jsonl; everything printed goes to OUT_DIR/log.
+# Needs no TensorFlow, ml_collections or clu (the accelerator images lack them).
+set -u
+out=${1:?usage: tools/gpu_bench.sh OUT_DIR [SECONDS]}
+budget=${2:-480}
+mkdir -p "$out"
+log="$out/log"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+export UIT_JAX_CACHE=${UIT_JAX_CACHE:-/tmp/uit_jax_cache}
+py=${PYTHON:-python3}
+
+step() {  # step NAME CAP_SECONDS ARGS...: runs one command under min(CAP, what is left of the budget)
+  local name=$1 cap=$2
+  shift 2
+  local left=$((budget - ($(date +%s) - start)))
+  if ((left < 20)); then
+    echo "== $name: skipped, $left s of the budget left" | tee -a "$log"
+    return
+  fi
+  local limit=$((cap < left ? cap : left))
+  echo "== $name (limit $limit s): $*" | tee -a "$log"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee -a "$log" | grep -E '^\{|^\||took|s +\{' >"$out/$name.jsonl"
+  echo "== $name: rc ${PIPESTATUS[0]} after $(($(date +%s) - t0)) s" | tee -a "$log"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  $py -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+} 2>&1 | tee -a "$log"
+
+b16=(tools/benchmark.py --preset=vit-b16 --image_size=384,128 --batch=128 --dtype=bfloat16 --steps=20)
+l14=(tools/benchmark.py --preset=vit-l14 --image_size=378,126 --batch=128 --dtype=bfloat16 --steps=10)
+icfg=(--queries=19848 --gallery=19848)
+if [[ -n ${GPU_BENCH_SMOKE:-} ]]; then  # the same flow at toy shapes, to check the script on a CPU first
+  b16=(tools/benchmark.py --preset=tiny --image_size=64,32 --batch=8 --dtype=float32 --steps=2)
+  l14=("${b16[@]}")
+  icfg=(--queries=500 --gallery=500 --ids=50)
+fi
+step 1_b16_loop 200 $py "${b16[@]}" --table='full;align'
+step 2_b16_cached 60 $py "${b16[@]}"
+step 3_b16_scan 170 $py "${b16[@]}" --table='scan=1;scan=1,remat=full;scan=1,remat=full,batch=256'
+step 4_l14 150 $py "${l14[@]}" --scan=1 --remat=full
+step 5_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
+echo "== total $(($(date +%s) - start)) s" | tee -a "$log"
