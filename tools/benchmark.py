@@ -113,15 +113,26 @@ def build(args):
     state_sh = sharding.shardings_for(sharding.param_partition_specs(abstract, ((".*", "fsdp"),), mesh), mesh)
     if args.aot:  # abstract state: shapes and shardings only, no memory
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    else:
-        state = jax.jit(lambda r: steps.init_state(init(r), tx), out_shardings=state_sh)(rng)
+    else:  # its compile is not in compile_s, and on a GPU it is not small (ViT-B/16: a fresh process spent
+        # over 100 s before the align-only step's first compile ended): init_s reports it
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(jax.jit(lambda r: steps.init_state(init(r), tx), out_shardings=state_sh)(rng))
+        init_s = time.perf_counter() - t0
     loss_fn = steps.make_loss_fn(model, weights, logit_scale=50.0, patch_size=cfg.patch_size)
     step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
     analytic = flops.train_step(
         cfg, args.batch, num_classes=args.num_classes, restoration=weights["restoration"] > 0, triplet=True
     )
     return dict(
-        cfg=cfg, mesh=mesh, state=state, abstract=abstract, step_fn=step_fn, dtype=dtype, size=(h, w), flops=analytic
+        cfg=cfg,
+        mesh=mesh,
+        state=state,
+        abstract=abstract,
+        step_fn=step_fn,
+        dtype=dtype,
+        size=(h, w),
+        flops=analytic,
+        init_s=None if args.aot else init_s,
     )
 
 
@@ -217,6 +228,7 @@ def report(args, built, timed) -> dict:
         remat=args.remat,
         params_millions=round(n_params / 1e6, 2),
         compile_s=round(timed["compile_s"], 2),
+        init_s=None if built["init_s"] is None else round(built["init_s"], 2),
         gflops_per_pair=round(an.per_pair() / 1e9, 4),
         gflops_per_pair_by_component={k: round(3 * v / an.batch / 1e9, 4) for k, v in an.components.items()},
     )
