@@ -34,10 +34,14 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     c.text_len = 77
     # Training sampler: 'identity' = the reference's RandomIdnumSampler (per epoch each identity is split
     # into chunks of 1..pairs_per_id pairs; each round draws global_batch // pairs_per_id distinct identities
-    # and takes one chunk of each); 'random' = a fresh permutation of all pairs each epoch.
+    # and takes one chunk of each); 'neighbours' = the same rounds, drawn as groups of neighbour_group identities
+    # whose captions read alike (TF-IDF, uit_jax/data/neighbours.py), so in-batch negatives are hard ones;
+    # 'random' = a fresh permutation of all pairs each epoch.
     c.sampler = "identity"
-    # Largest number of image-caption pairs of one identity that are kept together ('identity' sampler).
+    # Largest number of image-caption pairs of one identity that are kept together ('identity', 'neighbours').
     c.pairs_per_id = 2
+    # Identities per group of caption neighbours in a batch ('neighbours' sampler; at least 2).
+    c.neighbour_group = 4
     # Random horizontal flip (p 0.5).
     c.flip = True
     # Zero padding before the random crop back to image_size (the reference's Pad(10) + RandomCrop); 0 = off.

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from uit_jax.data import augment
 from uit_jax.data import builders as builders_lib
 from uit_jax.data import images as images_lib
+from uit_jax.data import neighbours as neighbours_lib
 from uit_jax.data import synthetic as synth_lib
 from uit_jax.data import text as text_lib
 from uit_jax.data import tokenizer as tok_lib
@@ -223,15 +224,45 @@ def _object_array(items) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # Samplers: whole epochs of pair indices, from (seed, epoch) alone.
 # ---------------------------------------------------------------------------------------------------------
+def _draw_groups(
+    neighbours: dict[int, np.ndarray], avail: list[int], rng: np.random.Generator, size: int, group: int
+) -> list[int]:
+    """`size` distinct identities of `avail`, drawn as groups: a random seed identity, then up to group - 1 of its
+    caption neighbours (nearest first) that are in `avail` and not drawn yet."""
+    pool, picked = set(avail), []
+    taken: set[int] = set()
+    for i in rng.permutation(len(avail)):
+        if len(picked) == size:
+            break
+        if avail[i] in taken:
+            continue
+        members = [avail[i]]
+        for nb in neighbours.get(avail[i], ()):
+            if len(members) == group or len(picked) + len(members) == size:
+                break
+            if int(nb) in pool and int(nb) not in taken and int(nb) not in members:
+                members.append(int(nb))
+        taken.update(members)
+        picked.extend(members)
+    return picked
+
+
 def identity_rounds(
-    pids: np.ndarray, rng: np.random.Generator, ids_per_round: int, pairs_per_id: int
+    pids: np.ndarray,
+    rng: np.random.Generator,
+    ids_per_round: int,
+    pairs_per_id: int,
+    neighbours: dict[int, np.ndarray] | None = None,
+    group: int = 1,
 ) -> list[list[np.ndarray]]:
     """One epoch of the reference's RandomIdnumSampler, as rounds of chunks (each chunk: pairs of one id).
 
     Each identity's pairs are shuffled and cut into chunks of k pairs, k drawn from 1..pairs_per_id per
     identity and epoch (an identity with fewer than k pairs is topped up by drawing with replacement; a
     remainder shorter than k is left out this epoch). While at least ids_per_round identities have chunks
-    left, a round draws that many distinct identities and takes the next chunk of each.
+    left, a round draws that many distinct identities and takes the next chunk of each. With `neighbours`
+    (pid -> caption-neighbour pids, nearest first) and group > 1, a round draws groups of up to `group`
+    neighbouring identities instead of independent ones (the `neighbours` sampler).
     """
     by_id: dict[int, list[np.ndarray]] = {}
     for pid in np.unique(pids):
@@ -244,30 +275,59 @@ def identity_rounds(
     avail = sorted(by_id)
     rounds = []
     while len(avail) >= ids_per_round:
-        chosen = rng.choice(len(avail), size=ids_per_round, replace=False)
-        picked = [avail[i] for i in chosen]
+        if neighbours is not None and group > 1:
+            picked = _draw_groups(neighbours, avail, rng, ids_per_round, group)
+        else:
+            chosen = rng.choice(len(avail), size=ids_per_round, replace=False)
+            picked = [avail[i] for i in chosen]
         rounds.append([by_id[p].pop(0) for p in picked])
         avail = [p for p in avail if by_id[p]]
     return rounds
 
 
+SAMPLERS = ("identity", "neighbours", "random")
+
+
 def epoch_order(
-    pids: np.ndarray, *, sampler: str, global_batch: int, pairs_per_id: int, seed: int, epoch: int
+    pids: np.ndarray,
+    *,
+    sampler: str,
+    global_batch: int,
+    pairs_per_id: int,
+    seed: int,
+    epoch: int,
+    neighbours: dict[int, np.ndarray] | None = None,
+    group: int = 1,
 ) -> np.ndarray:
-    """Pair indices of one epoch of the training stream."""
+    """Pair indices of one epoch of the training stream ('neighbours' needs the caption neighbours)."""
     rng = np.random.default_rng([seed, epoch])
     if sampler == "random":
         return rng.permutation(len(pids))
-    if sampler == "identity":
+    if sampler in ("identity", "neighbours"):
         ids_per_round = max(1, global_batch // pairs_per_id)
         if len(np.unique(pids)) < ids_per_round:
             raise ValueError(
-                f"identity sampler: a round needs {ids_per_round} identities (global_batch "
+                f"{sampler} sampler: a round needs {ids_per_round} identities (global_batch "
                 f"{global_batch} // pairs_per_id {pairs_per_id}), the split has {len(np.unique(pids))}"
             )
-        rounds = identity_rounds(pids, rng, ids_per_round, pairs_per_id)
+        if sampler == "neighbours" and neighbours is None:
+            raise ValueError("neighbours sampler: no caption neighbours given (data.neighbour_group needs them)")
+        if sampler == "identity":
+            neighbours = None
+        rounds = identity_rounds(pids, rng, ids_per_round, pairs_per_id, neighbours, group)
         return np.concatenate([c for r in rounds for c in r]).astype(np.int64)
-    raise ValueError(f"data.sampler is {sampler!r}; expected 'identity' or 'random'")
+    raise ValueError(f"data.sampler is {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def sampler_neighbours(cfg, data) -> dict[int, np.ndarray] | None:
+    """pid -> caption-neighbour pids (nearest first) when the 'neighbours' sampler is on, else None."""
+    if cfg.sampler != "neighbours":
+        return None
+    group = int(cfg.get("neighbour_group", 4))
+    if group < 2:
+        raise ValueError(f"data.neighbour_group is {group}; the neighbours sampler needs groups of at least 2")
+    ids, nb = neighbours_lib.caption_neighbours(data["caption"], data["pid"], k=4 * group)
+    return {int(i): row for i, row in zip(ids, nb)}
 
 
 def stream_rows(
@@ -280,6 +340,8 @@ def stream_rows(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    neighbours: dict[int, np.ndarray] | None = None,
+    group: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's rows of the stream from global batch `start_step` on, as (positions, indices) chunks."""
     local = global_batch // process_count
@@ -293,6 +355,8 @@ def stream_rows(
             pairs_per_id=pairs_per_id,
             seed=seed,
             epoch=epoch,
+            neighbours=neighbours,
+            group=group,
         )
         if not len(order):
             raise ValueError("the sampler produced an empty epoch; the training split is too small")
@@ -343,6 +407,8 @@ def make_train_iterator(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     data = data if data is not None else load_split(cfg, "train")
     # Sampler errors surface here rather than inside tf.data's generator thread.
+    neighbours = sampler_neighbours(cfg, data)
+    group = int(cfg.get("neighbour_group", 4))
     epoch_order(
         data["pid"],
         sampler=cfg.sampler,
@@ -350,11 +416,13 @@ def make_train_iterator(
         pairs_per_id=cfg.pairs_per_id,
         seed=seed,
         epoch=0,
+        neighbours=neighbours,
+        group=group,
     )
     stop = threading.Event()
     rows, signature = _row_source(
         cfg, tokenizer, data, stop, global_batch=global_batch, seed=seed, start_step=start_step,
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, neighbours=neighbours, group=group,
     )  # fmt: skip
     ds = tf.data.Dataset.from_generator(rows, output_signature=signature)
     ds = ds.map(_augment_row(cfg, seed, text_lib.mask_token_id(tokenizer)), tf.data.AUTOTUNE, deterministic=True)
@@ -363,7 +431,9 @@ def make_train_iterator(
     return TrainIterator(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), stop)
 
 
-def _row_source(cfg, tokenizer, data, stop, *, global_batch, seed, start_step, process_index, process_count):
+def _row_source(
+    cfg, tokenizer, data, stop, *, global_batch, seed, start_step, process_index, process_count, neighbours, group
+):
     """The sampler's rows for this process as a generator of (position, encoded image, captions, pid, image id),
     and its tf.data signature. Captions are tokenised once here (full and key-word versions)."""
     ids, content, fids, fcontent = _encode_train_text(cfg, tokenizer, data)
@@ -379,6 +449,8 @@ def _row_source(cfg, tokenizer, data, stop, *, global_batch, seed, start_step, p
             start_step=start_step,
             process_index=process_index,
             process_count=process_count,
+            neighbours=neighbours,
+            group=group,
         ):
             if stop.is_set():
                 return
