@@ -134,4 +134,4 @@ def test_synthetic_default_fine_tunes_the_shipped_model_with_the_paper_recipe():
     assert c.model.drop_ratio == 0.7 and c.model.decoder_layers == 4
     assert c.batch_size == paper.batch_size == 128 and c.optim.no_decay_rules == paper.optim.no_decay_rules
     scratch = synthetic.get_config("scratch")
-    assert scratch.model_init == "" and scratch.model.preset == "mini" and scratch.model.temperature == 0.1
+    assert scratch.model_init == "" and scratch.model.preset == "mini" and scratch.model.temperature == 0.2
