@@ -111,6 +111,7 @@ def build(args):
     tx = optim.make_optimizer(params_shape, schedule=schedule)
     abstract = jax.eval_shape(lambda p: steps.init_state(p, tx), params_shape)
     state_sh = sharding.shardings_for(sharding.param_partition_specs(abstract, ((".*", "fsdp"),), mesh), mesh)
+    init_s = None
     if args.aot:  # abstract state: shapes and shardings only, no memory
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
     else:  # its compile is not in compile_s, and on a GPU it is not small (ViT-B/16: a fresh process spent
@@ -132,7 +133,7 @@ def build(args):
         dtype=dtype,
         size=(h, w),
         flops=analytic,
-        init_s=None if args.aot else init_s,
+        init_s=init_s,
     )
 
 

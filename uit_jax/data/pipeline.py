@@ -229,21 +229,16 @@ def _draw_groups(
 ) -> list[int]:
     """`size` distinct identities of `avail`, drawn as groups: a random seed identity, then up to group - 1 of its
     caption neighbours (nearest first) that are in `avail` and not drawn yet."""
-    pool, picked = set(avail), []
-    taken: set[int] = set()
+    pool, taken, picked = set(avail), set(), []
     for i in rng.permutation(len(avail)):
-        if len(picked) == size:
-            break
         if avail[i] in taken:
             continue
-        members = [avail[i]]
-        for nb in neighbours.get(avail[i], ()):
-            if len(members) == group or len(picked) + len(members) == size:
-                break
-            if int(nb) in pool and int(nb) not in taken and int(nb) not in members:
-                members.append(int(nb))
+        free = [int(nb) for nb in neighbours.get(avail[i], ()) if int(nb) in pool and int(nb) not in taken]
+        members = ([avail[i]] + free[: group - 1])[: size - len(picked)]
         taken.update(members)
         picked.extend(members)
+        if len(picked) == size:
+            break
     return picked
 
 
@@ -323,7 +318,7 @@ def sampler_neighbours(cfg, data) -> dict[int, np.ndarray] | None:
     """pid -> caption-neighbour pids (nearest first) when the 'neighbours' sampler is on, else None."""
     if cfg.sampler != "neighbours":
         return None
-    group = int(cfg.get("neighbour_group", 4))
+    group = int(cfg.neighbour_group)
     if group < 2:
         raise ValueError(f"data.neighbour_group is {group}; the neighbours sampler needs groups of at least 2")
     ids, nb = neighbours_lib.caption_neighbours(data["caption"], data["pid"], k=4 * group)
@@ -333,31 +328,20 @@ def sampler_neighbours(cfg, data) -> dict[int, np.ndarray] | None:
 def stream_rows(
     pids: np.ndarray,
     *,
-    sampler: str,
     global_batch: int,
-    pairs_per_id: int,
     seed: int,
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    neighbours: dict[int, np.ndarray] | None = None,
-    group: int = 1,
+    **sampler_kw,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """This process's rows of the stream from global batch `start_step` on, as (positions, indices) chunks."""
+    """This process's rows of the stream from global batch `start_step` on, as (positions, indices) chunks.
+    `sampler_kw`: epoch_order's sampler settings (sampler, pairs_per_id, and neighbours, group if any)."""
     local = global_batch // process_count
     skip = start_step * global_batch
     begin, epoch = 0, 0
     while True:
-        order = epoch_order(
-            pids,
-            sampler=sampler,
-            global_batch=global_batch,
-            pairs_per_id=pairs_per_id,
-            seed=seed,
-            epoch=epoch,
-            neighbours=neighbours,
-            group=group,
-        )
+        order = epoch_order(pids, global_batch=global_batch, seed=seed, epoch=epoch, **sampler_kw)
         if not len(order):
             raise ValueError("the sampler produced an empty epoch; the training split is too small")
         pos = begin + np.arange(len(order), dtype=np.int64)
@@ -407,22 +391,15 @@ def make_train_iterator(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     data = data if data is not None else load_split(cfg, "train")
     # Sampler errors surface here rather than inside tf.data's generator thread.
+    sampler_kw = dict(sampler=cfg.sampler, pairs_per_id=cfg.pairs_per_id)
     neighbours = sampler_neighbours(cfg, data)
-    group = int(cfg.get("neighbour_group", 4))
-    epoch_order(
-        data["pid"],
-        sampler=cfg.sampler,
-        global_batch=global_batch,
-        pairs_per_id=cfg.pairs_per_id,
-        seed=seed,
-        epoch=0,
-        neighbours=neighbours,
-        group=group,
-    )
+    if neighbours is not None:
+        sampler_kw.update(neighbours=neighbours, group=int(cfg.neighbour_group))
+    epoch_order(data["pid"], global_batch=global_batch, seed=seed, epoch=0, **sampler_kw)
     stop = threading.Event()
     rows, signature = _row_source(
         cfg, tokenizer, data, stop, global_batch=global_batch, seed=seed, start_step=start_step,
-        process_index=process_index, process_count=process_count, neighbours=neighbours, group=group,
+        process_index=process_index, process_count=process_count, sampler_kw=sampler_kw,
     )  # fmt: skip
     ds = tf.data.Dataset.from_generator(rows, output_signature=signature)
     ds = ds.map(_augment_row(cfg, seed, text_lib.mask_token_id(tokenizer)), tf.data.AUTOTUNE, deterministic=True)
@@ -432,7 +409,7 @@ def make_train_iterator(
 
 
 def _row_source(
-    cfg, tokenizer, data, stop, *, global_batch, seed, start_step, process_index, process_count, neighbours, group
+    cfg, tokenizer, data, stop, *, global_batch, seed, start_step, process_index, process_count, sampler_kw
 ):
     """The sampler's rows for this process as a generator of (position, encoded image, captions, pid, image id),
     and its tf.data signature. Captions are tokenised once here (full and key-word versions)."""
@@ -442,15 +419,12 @@ def _row_source(
     def rows():
         for pos, idx in stream_rows(
             pids,
-            sampler=cfg.sampler,
             global_batch=global_batch,
-            pairs_per_id=cfg.pairs_per_id,
             seed=seed,
             start_step=start_step,
             process_index=process_index,
             process_count=process_count,
-            neighbours=neighbours,
-            group=group,
+            **sampler_kw,
         ):
             if stop.is_set():
                 return
