@@ -82,6 +82,14 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     assert json.load(open(os.path.join(out, "pretrain.json")))["args"]["corpus_seed"] == 1
     ours, theirs = _embed_both(out, 32, ["a man, a red coat", "a woman, long black hair"])
     _assert_parity(ours, theirs)
+    # The memorisation check: the first identities of the corpus are exactly those it trained on.
+    gap = pretrain_clip.main(["--out", out, "--eval_only", "--gap_ids", "3"])["corpus_gap"]
+    assert (gap["seen"]["seed"], gap["unseen"]["seed"], gap["seen"]["ids"]) == (1, pretrain_clip.UNSEEN_SEED, 3)
+    assert all(0 <= gap[k]["R1"] <= 100 for k in ("seen", "unseen"))
+    tok = tk.load_tokenizer(out)
+    head, full = (pretrain_clip.make_corpus(n, 2, 2, 32, 1, tok, 24) for n in (3, 6))
+    np.testing.assert_array_equal(head[0], full[0][:6])
+    np.testing.assert_array_equal(head[1], full[1][:6])
     # Fine-tuning size: the position embeddings are resized from the square grid, as for OpenAI's CLIP.
     model, _ = convert.load(out, image_size=(64, 32))
     assert model.config.grid == (8, 4) and model.config.text_len == 24
@@ -92,6 +100,8 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
          "--log_every", "1"]
     )  # fmt: skip
     assert more["args"]["init"] == out and np.isfinite(more["curve"][-1]["loss"])
+    saved = json.load(open(tmp_path / "more" / "pretrain.json"))
+    assert saved["init_record"]["args"]["ids"] == 6 and saved["init_record"]["curve"] == record["curve"]
 
 
 def test_attribute_neighbours_and_hard_batches():
