@@ -16,8 +16,8 @@ Variants (`--config=configs/synthetic.py:VARIANT`), used for the ablation in the
            `_scratch` and get_config)
   tiny: a seconds-long from-scratch smoke run, for tests
 
-Expected figures (README, "Synthetic results", with the commands): test R1 54.53 ± 0.36 over three seeds (mAP
-54.46, mINP 41.10), 7m55s on 2 CPU cores from nothing (set generation included). Zero-shot: R1 41.67. From
+Expected figures (README, "Synthetic results", with the commands): test R1 62.53 ± 1.01 over three seeds (mAP
+65.18, mINP 56.61), about 8m15s on 2 CPU cores with the set built, 44 s more to generate it. Zero-shot: R1 51.67. From
 scratch (`:scratch`): R1 38.17 ± 4.42 over three seeds, about 8 minutes with the set built.
 """
 
