@@ -168,9 +168,8 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- zero-shot eval
-def _embed(model_dir: str, image_size, images: np.ndarray, captions: np.ndarray):
-    """Unit-norm (image, text) embeddings of the saved model: uint8 images (N, H, W, 3), token ids (M, L)."""
-    model, params = convert.load(model_dir, image_size=image_size)
+def _embed(model, params, images: np.ndarray, captions: np.ndarray):
+    """Unit-norm (image, text) embeddings: uint8 images (N, H, W, 3), token ids (M, L)."""
     x = ((images.astype(np.float32) / 255.0 - np.float32(augment.CLIP_MEAN)) / np.float32(augment.CLIP_STD)).astype(
         np.float32
     )
@@ -190,35 +189,36 @@ def zero_shot(model_dir: str, data_root: str, split: str = "test", image_size=(1
     """R1/R5/R10/mAP/mINP of the saved model on `split` of a synthetic set folder (CUHK-PEDES layout)."""
     with open(os.path.join(data_root, "reid_raw.json")) as f:
         annos = [a for a in json.load(f) if a["split"] == split]
+    model, params = convert.load(model_dir, image_size=image_size)
     tokenizer = tok_lib.load_tokenizer(model_dir)
-    text_len = convert.load(model_dir, image_size=image_size)[0].config.text_len
     images = np.stack(
         [np.asarray(Image.open(os.path.join(data_root, "imgs", a["file_path"])).convert("RGB")) for a in annos]
     )
     captions = [c for a in annos for c in a["captions"]]
     q_pid = np.array([a["id"] for a in annos for _ in a["captions"]])
-    z_img, z_txt = _embed(model_dir, image_size, images, tok_lib.tokenize(tokenizer, captions, text_len))
+    z_img, z_txt = _embed(model, params, images, tok_lib.tokenize(tokenizer, captions, model.config.text_len))
     return _rounded(metrics.retrieval_metrics(z_txt @ z_img.T, q_pid, np.array([a["id"] for a in annos])))
 
 
-UNSEEN_SEED = 7  # identities no pre-training corpus uses (corpora: seeds 1 and 2; the dataset draws its own)
+UNSEEN_SEED = 7  # identities no pre-training corpus has used (the shipped one: seed 1; the dataset draws its own)
 
 
-def corpus_gap(model_dir: str, seed: int, ids: int) -> dict:
-    """Memorisation check: retrieval on the first `ids` identities of the model's own corpus (seed `seed`, the same
-    images and captions it trained on when it was made with 2 views) against as many identities it never saw (seed
-    UNSEEN_SEED); 2 views each, first caption.
+def corpus_gap(model_dir: str, ids: int) -> dict:
+    """Memorisation check: retrieval on the first `ids` identities of the model's own corpus (its pretrain.json's
+    corpus seed and shapes: the very images and captions it trained on) against as many identities it never saw
+    (seed UNSEEN_SEED); every view of each, its first caption.
 
     A model that memorises its corpus scores much higher on the seen ones: the first shipped model (6,000
     identities) scored R1 41.6 seen against 26.1 unseen at 600 identities."""
     record = json.load(open(os.path.join(model_dir, "pretrain.json")))
-    size, text_len = record["args"]["size"], record["args"]["text_len"]
+    args = record["args"]
+    model, params = convert.load(model_dir, image_size=(args["size"], args["size"]))
     tokenizer = tok_lib.load_tokenizer(model_dir)
     out = {}
-    for name, s in (("seen", seed), ("unseen", UNSEEN_SEED)):
-        images, texts = make_corpus(ids, 2, record["args"]["captions"], size, s, tokenizer, text_len)
-        z_img, z_txt = _embed(model_dir, (size, size), images, texts[:, 0])
-        pid = np.arange(len(images)) // 2
+    for name, s in (("seen", args["corpus_seed"]), ("unseen", UNSEEN_SEED)):
+        images, texts = make_corpus(ids, args["views"], args["captions"], args["size"], s, tokenizer, args["text_len"])
+        z_img, z_txt = _embed(model, params, images, texts[:, 0])
+        pid = np.arange(len(images)) // args["views"]
         out[name] = dict(_rounded(metrics.retrieval_metrics(z_txt @ z_img.T, pid, pid)), seed=s, ids=ids)
     return out
 
@@ -267,7 +267,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     a = parse(argv)
     if a.eval_only:
-        return add_evaluations(a.out, a.eval_data_root, a.gap_ids, a.corpus_seed)
+        return add_evaluations(a.out, a.eval_data_root, a.gap_ids)
     t0 = time.time()
     tmp_tok = a.out.rstrip("/") + ".tokenizer.tmp"
     shutil.rmtree(tmp_tok, ignore_errors=True)
@@ -333,11 +333,11 @@ def main(argv=None) -> dict:
         json.dump(record, f, indent=1)
     print(f"saved {a.out} in {record['minutes']} min")
     if a.eval_data_root or a.gap_ids:
-        return add_evaluations(a.out, a.eval_data_root, a.gap_ids, a.corpus_seed)
+        return add_evaluations(a.out, a.eval_data_root, a.gap_ids)
     return record
 
 
-def add_evaluations(out: str, data_root: str, gap_ids: int, corpus_seed: int) -> dict:
+def add_evaluations(out: str, data_root: str, gap_ids: int) -> dict:
     """Evaluates the saved model zero-shot on the synthetic test split (`data_root`) and/or on its own corpus
     against unseen identities (`gap_ids`), and records the figures in OUT/pretrain.json."""
     if not data_root and not gap_ids:
@@ -349,7 +349,7 @@ def add_evaluations(out: str, data_root: str, gap_ids: int, corpus_seed: int) ->
         record["zero_shot_test"] = dict(zero_shot(out, root), data=os.path.basename(os.path.normpath(root)))
         print("zero-shot on the synthetic test split:", record["zero_shot_test"])
     if gap_ids:
-        record["corpus_gap"] = corpus_gap(out, corpus_seed, gap_ids)
+        record["corpus_gap"] = corpus_gap(out, gap_ids)
         print("own corpus (seen) against unseen identities:", record["corpus_gap"])
     with open(os.path.join(out, "pretrain.json"), "w") as f:
         json.dump(record, f, indent=1)
