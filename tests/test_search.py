@@ -99,6 +99,15 @@ def test_export_round_trip_and_the_eval_path_give_the_same_embeddings(run, tmp_p
     np.testing.assert_allclose(np.linalg.norm(z1, axis=1), 1.0, rtol=1e-5)
     t = from_folder.encode_text(["a man in a red coat", "a woman"])
     assert t.shape == (2, 24) and np.allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-5)
+    # The lower-level entries (pixels already at the model's size, token ids) are what encode_images/_text use.
+    sized = images_lib.load_batch(files, from_folder.image_size)[0]
+    np.testing.assert_array_equal(from_folder.encode_pixels(sized), z3)
+    ids = tok_lib.tokenize(from_folder.tokenizer, ["a man in a red coat", "a woman"], from_folder.text_len)
+    np.testing.assert_array_equal(from_folder.encode_token_ids(ids), t)
+    with pytest.raises(ValueError, match=r"uint8 pixels of shape \(N, 24, 16, 3\).*got uint8 \(1, 32, 16, 3\)"):
+        from_folder.encode_pixels(np.zeros((1, 32, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="token ids of shape"):
+        from_folder.encode_token_ids(ids[:, :5])
     with pytest.raises(FileNotFoundError, match="not an exported uit_jax model folder"):
         export.load_model(str(tmp_path))
 

@@ -40,6 +40,7 @@ from uit_jax.data import synthetic as synth  # noqa: E402
 from uit_jax.data import tokenizer as tok_lib  # noqa: E402
 from uit_jax.models import clip as clip_lib  # noqa: E402
 from uit_jax.models import convert  # noqa: E402
+from uit_jax.retrieval import Retriever  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- the corpus
@@ -168,17 +169,9 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- zero-shot eval
-def _embed(model, params, images: np.ndarray, captions: np.ndarray):
-    """Unit-norm (image, text) embeddings: uint8 images (N, H, W, 3), token ids (M, L)."""
-    x = ((images.astype(np.float32) / 255.0 - np.float32(augment.CLIP_MEAN)) / np.float32(augment.CLIP_STD)).astype(
-        np.float32
-    )
-    unit = lambda z: z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-    enc_img = jax.jit(lambda p, v: unit(model.apply({"params": p}, v, method=model.encode_image)["embed"]))
-    enc_txt = jax.jit(lambda p, t: unit(model.apply({"params": p}, t, method=model.encode_text)["embed"]))
-    z_img = np.concatenate([np.asarray(enc_img(params, x[i : i + 256])) for i in range(0, len(x), 256)])
-    z_txt = np.concatenate([np.asarray(enc_txt(params, captions[i : i + 256])) for i in range(0, len(captions), 256)])
-    return z_img, z_txt
+def _retriever(model, params, tokenizer, size) -> Retriever:
+    """The search API's encoders for a freshly trained or loaded model (CLIP's pixel normalisation)."""
+    return Retriever(model, params, tokenizer, image_size=size, mean=augment.CLIP_MEAN, std=augment.CLIP_STD)
 
 
 def _rounded(out: dict) -> dict:
@@ -196,7 +189,8 @@ def zero_shot(model_dir: str, data_root: str, split: str = "test", image_size=(1
     )
     captions = [c for a in annos for c in a["captions"]]
     q_pid = np.array([a["id"] for a in annos for _ in a["captions"]])
-    z_img, z_txt = _embed(model, params, images, tok_lib.tokenize(tokenizer, captions, model.config.text_len))
+    r = _retriever(model, params, tokenizer, image_size)
+    z_img, z_txt = r.encode_pixels(images, batch_size=256), r.encode_text(captions)
     return _rounded(metrics.retrieval_metrics(z_txt @ z_img.T, q_pid, np.array([a["id"] for a in annos])))
 
 
@@ -214,10 +208,11 @@ def corpus_gap(model_dir: str, ids: int) -> dict:
     args = record["args"]
     model, params = convert.load(model_dir, image_size=(args["size"], args["size"]))
     tokenizer = tok_lib.load_tokenizer(model_dir)
+    r = _retriever(model, params, tokenizer, (args["size"], args["size"]))
     out = {}
     for name, s in (("seen", args["corpus_seed"]), ("unseen", UNSEEN_SEED)):
         images, texts = make_corpus(ids, args["views"], args["captions"], args["size"], s, tokenizer, args["text_len"])
-        z_img, z_txt = _embed(model, params, images, texts[:, 0])
+        z_img, z_txt = r.encode_pixels(images, batch_size=256), r.encode_token_ids(texts[:, 0])
         pid = np.arange(len(images)) // args["views"]
         out[name] = dict(_rounded(metrics.retrieval_metrics(z_txt @ z_img.T, pid, pid)), seed=s, ids=ids)
     return out

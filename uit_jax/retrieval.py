@@ -114,7 +114,15 @@ class Retriever:
     def preprocess(self, pixels_uint8: np.ndarray) -> np.ndarray:
         return images_lib.normalize(pixels_uint8, self.mean, self.std)
 
-    def _encode_pixels(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    def encode_pixels(self, pixels: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+        """Unit-norm (N, D) float32 embeddings of uint8 RGB pixels (N, H, W, 3) already at the model's image size
+        (`image_size`; `encode_images` reads and resizes any source). Normalised here with the model's mean/std."""
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 4 or pixels.shape[1:] != (*self.image_size, 3) or pixels.dtype != np.uint8:
+            raise ValueError(
+                f"encode_pixels takes uint8 pixels of shape (N, {self.image_size[0]}, {self.image_size[1]}, 3), the "
+                f"model's image size; got {pixels.dtype} {pixels.shape}. Resize first, or use encode_images."
+            )
         out = []
         for i in range(0, len(pixels), batch_size):
             chunk = pixels[i : i + batch_size]
@@ -134,13 +142,24 @@ class Retriever:
         """(embeddings, indices of the sources that were read)."""
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             pixels, kept = images_lib.load_batch(list(sources), self.image_size, pool=pool, skip_bad=skip_bad)
-        return self._encode_pixels(pixels, batch_size), kept
+        return self.encode_pixels(pixels, batch_size=batch_size), kept
 
     def encode_text(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
         """Unit-norm (M, D) float32 embeddings of sentences (CLIP BPE, truncated to the model's text length)."""
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of sentences; wrap a single one in a list.")
         ids = tok_lib.tokenize(self.tokenizer, list(texts), self.text_len)
+        return self.encode_token_ids(ids, batch_size=batch_size)
+
+    def encode_token_ids(self, ids: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        """Unit-norm (M, D) float32 embeddings of token ids (M, text_len), as `tokenizer.tokenize` makes them (the
+        end-of-text token, the largest id, is where the text tower pools)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[1] != self.text_len or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"encode_token_ids takes integer token ids of shape (M, {self.text_len}), the model's text length; "
+                f"got {ids.dtype} {ids.shape}. Tokenize with uit_jax.data.tokenizer.tokenize, or use encode_text."
+            )
         out = []
         for i in range(0, len(ids), batch_size):
             out.append(np.asarray(self._enc_txt(self.params, ids[i : i + batch_size])))
@@ -181,7 +200,7 @@ class Retriever:
             for b, i in enumerate(range(0, len(todo), batch_size)):
                 chunk = todo[i : i + batch_size]
                 pixels, kept = images_lib.load_batch(chunk, self.image_size, pool=pool, skip_bad=True)
-                index.add([chunk[k] for k in kept], self._encode_pixels(pixels, batch_size))
+                index.add([chunk[k] for k in kept], self.encode_pixels(pixels, batch_size=batch_size))
                 index.skipped.extend(p for k, p in enumerate(chunk) if k not in set(kept))
                 done += len(chunk)
                 if progress is not None:
