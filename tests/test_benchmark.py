@@ -43,3 +43,23 @@ def test_search_benchmark_runs_on_small_sizes(capsys):
     assert out["index"]["images"] == 6 and out["index"]["images_per_s"] > 0
     assert [(r["gallery"], r["queries"]) for r in out["query"]] == [(50, 1), (50, 3), (300, 1), (300, 3)]
     assert "| 300 x 8 | 3 |" in capsys.readouterr().out
+
+
+def test_sen_benchmark_names_a_bad_checkout(tmp_path):
+    """tools/bench_sen.py imports SEN from a checkout the user gives (none ships here): a wrong path is named, with
+    what is missing, and a bare git directory gets the command that exports a work tree."""
+    from tools import bench_sen
+
+    with pytest.raises(SystemExit, match="no such directory"):
+        bench_sen.check_sen_repo(str(tmp_path / "nowhere"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "build.py").write_text("")
+    with pytest.raises(SystemExit, match=r"not a SEN checkout.*missing model/clip_model.py"):
+        bench_sen.check_sen_repo(str(tmp_path))
+    bare = tmp_path / "bare"
+    (bare / "objects").mkdir(parents=True)
+    (bare / "HEAD").write_text("ref: refs/heads/main\n")
+    with pytest.raises(SystemExit, match="bare git directory.*archive HEAD"):
+        bench_sen.check_sen_repo(str(bare))
+    with pytest.raises(SystemExit):  # argparse: --ours_flags needs --ours
+        bench_sen.parse_args(["--sen_repo", str(tmp_path), "--ours_flags=--scan=1"])
