@@ -8,10 +8,20 @@ from tools import benchmark
 def test_benchmark_table_and_aot(tmp_path, capsys):
     common = ["--preset=tiny", "--image_size=32,16", "--text_len=12", "--num_classes=5", "--dtype=float32"]
     out = benchmark.main(
-        [*common, "--batch=8", "--steps=2", "--table=full;align,remat=full,scan=1", f"--out={tmp_path / 'b.json'}"]
+        [
+            *common,
+            "--batch=8",
+            "--steps=2",
+            "--table=full;attention=flash;align,remat=full,scan=1",
+            f"--out={tmp_path / 'b.json'}",
+        ]
     )
     assert (tmp_path / "b.json").read_text().startswith("{")
-    full, scanned = out["rows"]
+    full, failed, scanned = out["rows"]
+    # A variant that fails gets its row and error; the others still run.
+    assert failed["error"].startswith("ValueError: Unknown attention kernel 'flash'")
+    assert "| attention=flash | failed: ValueError: Unknown attention kernel 'flash'" in out["table"]
+    assert full["attention"] == "xla"
     assert full["variant"] == "full" and scanned["variant"] == "align,remat=full,scan=1"
     assert full["pairs_per_s"] > 0 and full["step_s_min"] <= full["step_s_median"] <= full["step_s_max"]
     assert full["params_millions"] > 0 and full["num_devices"] == 8
@@ -34,6 +44,14 @@ def test_benchmark_table_and_aot(tmp_path, capsys):
     with pytest.raises(SystemExit, match="cannot read 'batch'"):
         benchmark.main([*common, "--table=batch"])
     capsys.readouterr()
+
+
+def test_attention_check_says_it_needs_a_gpu(capsys):
+    """tools/check_attention.py compares cuDNN's attention with XLA's on a GPU; on a CPU it says why it cannot."""
+    from tools import check_attention
+
+    assert check_attention.main(["--preset=tiny", "--image_size=32,32"]) == 2
+    assert "needs a CUDA GPU; JAX's backend here is 'cpu'" in capsys.readouterr().out
 
 
 def test_search_benchmark_runs_on_small_sizes(capsys):

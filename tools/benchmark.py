@@ -16,7 +16,8 @@ Two more modes:
   --table=VARIANTS  one process, one row per variant, a markdown table with ratios to the first row, e.g.
                     --table='full;align;remat=full;batch=256' (a variant is ';'-separated, its settings
                     ','-separated key=value overriding the command line: objectives, batch, remat, scan, dtype,
-                    text_len, preset, image_size, fsdp). 'full' and 'align' are objectives.
+                    text_len, preset, image_size, fsdp, attention). 'full' and 'align' are objectives. A variant
+                    that fails (a kernel the device lacks, out of memory) gets a 'failed' row; the others run.
   --aot             compile only, from abstract shapes (no weights, nothing run), and print XLA's memory analysis
                     of the step: arguments, outputs, temporaries, and the total a device must hold. With
                     --table, one row per variant: the memory table of the README.
@@ -62,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", type=int, default=1, help="size of the fsdp mesh axis")
     p.add_argument("--scan", type=int, default=0, help="1: layers under jax.lax.scan; 0: a loop (the default config)")
     p.add_argument("--remat", default="none", help="per-layer rematerialisation: none|full|dots")
+    p.add_argument("--attention", default="xla", help="attention kernel: xla|cudnn (cuDNN flash attention, GPU, bf16)")
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
     p.add_argument("--table", default="", help="';'-separated variants, one table row each (see the docstring)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak TFLOP/s for MFU")
@@ -95,6 +97,7 @@ def build(args):
         dtype=dtype,
         scan=bool(args.scan),
         remat=args.remat,
+        attention=args.attention,
     )
     mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
     sharding.check_batch_divisible(args.batch, mesh)
@@ -227,6 +230,7 @@ def report(args, built, timed) -> dict:
         objectives=args.objectives,
         scan=bool(args.scan),
         remat=args.remat,
+        attention=args.attention,
         params_millions=round(n_params / 1e6, 2),
         compile_s=round(timed["compile_s"], 2),
         init_s=None if built["init_s"] is None else round(built["init_s"], 2),
@@ -265,7 +269,16 @@ def run_one(args) -> dict:
 
 
 VARIANT_KEYS = dict(
-    objectives=str, batch=int, remat=str, scan=int, dtype=str, text_len=int, preset=str, image_size=str, fsdp=int
+    objectives=str,
+    batch=int,
+    remat=str,
+    scan=int,
+    dtype=str,
+    text_len=int,
+    preset=str,
+    image_size=str,
+    fsdp=int,
+    attention=str,
 )
 
 
@@ -286,12 +299,16 @@ def parse_variant(spec: str, base: argparse.Namespace) -> tuple[str, argparse.Na
 
 
 def table(rows: list[tuple[str, dict]], aot: bool) -> str:
-    """Markdown: one row per variant, with ratios to the first row."""
+    """Markdown: one row per variant, with ratios to the first row that ran."""
+    ok = [r for _, r in rows if "error" not in r]
     if aot:
         head = "| variant | compile s | args MiB | temp MiB | total MiB | total / first |"
         lines = [head, "| --- | --- | --- | --- | --- | --- |"]
-        base = rows[0][1]["total_mib"]
+        base = ok[0]["total_mib"] if ok else 0
         for label, r in rows:
+            if "error" in r:
+                lines.append(f"| {label} | failed: {r['error']} | | | | |")
+                continue
             ratio = r["total_mib"] / base
             lines.append(
                 f"| {label} | {r['compile_s']} | {r['args_mib']} | {r['temp_mib']} | {r['total_mib']} | {ratio:.2f} |"
@@ -299,14 +316,23 @@ def table(rows: list[tuple[str, dict]], aot: bool) -> str:
         return "\n".join(lines)
     head = "| variant | step s (median) | pairs/s | x first | compile s | GFLOP/pair | TFLOP/s | MFU | temp MiB |"
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = rows[0][1]["pairs_per_s"]
+    base = ok[0]["pairs_per_s"] if ok else 0
     for label, r in rows:
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error']} | | | | | | | |")
+            continue
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.3f}"
         lines.append(
             f"| {label} | {r['step_s_median']} | {r['pairs_per_s']} | {r['pairs_per_s'] / base:.2f} | "
             f"{r['compile_s']} | {r['gflops_per_pair']} | {r['tflops_per_s']} | {mfu} | {r['temp_mib']} |"
         )
     return "\n".join(lines)
+
+
+def jax_clear():
+    import jax  # noqa: PLC0415
+
+    jax.clear_caches()
 
 
 def main(argv=None):
@@ -318,7 +344,11 @@ def main(argv=None):
         rows = []
         for spec in filter(None, (v.strip() for v in args.table.split(";"))):
             label, v_args = parse_variant(spec, args)
-            rows.append((label, run_one(v_args)))
+            try:
+                rows.append((label, run_one(v_args)))
+            except Exception as e:  # one variant failing (a kernel the device lacks, memory) keeps the others
+                rows.append((label, dict(error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")))
+                jax_clear()
             print(json.dumps(dict(variant=label, **rows[-1][1])), flush=True)
         text = table(rows, args.aot)
         print(text)
@@ -333,4 +363,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    result = main()
+    sys.exit(1 if any("error" in r for r in result.get("rows", [])) else 0)

@@ -4,13 +4,14 @@
 #   bash tools/gpu_bench.sh OUT_DIR [SECONDS]
 #
 # Runs, in priority order, each under its own time limit so that one slow compile cannot take the others with it,
-# and stops starting new runs when the time budget (default 480 s) is spent:
-#   1. ViT-B/16 384x128 batch 128, bf16, full objective, layers in a loop (the default).
-#   2. The same again in a new process: compile time with the persistent compilation cache warm.
-#   3. The align-only step (restoration off): the restoration branch's share of the step.
+# and stops starting new runs when the time budget (default 540 s) is spent:
+#   1. ViT-B/16 384x128 batch 128, bf16, layers in a loop (the default), in one process: the full objective and
+#      the align-only step (restoration off), each with XLA's attention and with cuDNN's fused attention.
+#   2. cuDNN's attention against XLA's, both bf16, against a float32 reference (tools/check_attention.py).
+#   3. Retrieval metrics at ICFG-PEDES size, similarities on the accelerator.
 #   4. ViT-L/14 at 378x126 (the vit-l14 variant's shapes), batch 128, scan + full remat.
-#   5. ViT-B/16 under scan + full remat, at batch 128 and 256.
-#   6. Retrieval metrics at ICFG-PEDES size, similarities on the accelerator.
+#   5. The full ViT-B/16 step again in a new process: compile time with the persistent compilation cache warm.
+#   6. ViT-B/16 under scan + full remat, at batch 128 and 256.
 # Each run writes one JSON line per variant to OUT_DIR/<n>_<name>.jsonl; everything printed goes to OUT_DIR/log.
 # Needs no TensorFlow, ml_collections or clu (the accelerator images lack them).
 set -u
@@ -47,17 +48,21 @@ step() {  # step NAME CAP_SECONDS ARGS...: runs one command under min(CAP, what 
 b16=(tools/benchmark.py --preset=vit-b16 --image_size=384,128 --batch=128 --dtype=bfloat16 --steps=20)
 l14=(tools/benchmark.py --preset=vit-l14 --image_size=378,126 --batch=128 --dtype=bfloat16 --steps=10)
 icfg=(--queries=19848 --gallery=19848)
+check=(tools/check_attention.py --preset=vit-b16 --image_size=384,128 --batch=8)
 if [[ -n ${GPU_BENCH_SMOKE:-} ]]; then  # the same flow at toy shapes, to check the script on a CPU first
   b16=(tools/benchmark.py --preset=tiny --image_size=64,32 --batch=8 --dtype=float32 --steps=2)
   l14=("${b16[@]}")
   icfg=(--queries=500 --gallery=500 --ids=50)
+  check=(tools/check_attention.py --preset=tiny --image_size=32,32 --batch=4)
 fi
 # Caps from a lease on one H200: a fresh ViT-B/16 process spends 90-130 s before its first step (parameter init's
 # compile, then the step's 87 s); with the cache warm, about 20 s.
-step 1_b16_loop 150 $py "${b16[@]}"
-step 2_b16_cached 60 $py "${b16[@]}"
-step 3_b16_align 150 $py "${b16[@]}" --objectives=align
+# The four variants of step 1 compile in about 87 + 46 s (loop, full and align, XLA's attention) plus the two
+# cuDNN ones, after the parameter init's compile.
+step 1_b16_attention 330 $py "${b16[@]}" --table='full;align;full,attention=cudnn;align,attention=cudnn'
+step 2_check_attention 120 $py "${check[@]}"
+step 3_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
 step 4_l14 240 $py "${l14[@]}" --scan=1 --remat=full
-step 5_b16_scan 200 $py "${b16[@]}" --table='scan=1,remat=full;scan=1,remat=full,batch=256'
-step 6_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
+step 5_b16_cached 60 $py "${b16[@]}"
+step 6_b16_scan 200 $py "${b16[@]}" --table='scan=1,remat=full;scan=1,remat=full,batch=256'
 echo "== total $(($(date +%s) - start)) s" | tee -a "$log"

@@ -93,6 +93,22 @@ def validate_config(config, num_devices: int) -> None:
             f"config.model.remat={config.model.remat!r} is not a remat policy: use one of "
             f"{', '.join(layers.REMAT_POLICIES)}."
         )
+    attention = config.model.get("attention", "xla")
+    if attention not in layers.ATTENTION_IMPLS:
+        errors.append(
+            f"config.model.attention={attention!r} is not an attention kernel: use one of "
+            f"{', '.join(layers.ATTENTION_IMPLS)}."
+        )
+    elif attention == "cudnn" and jax.default_backend() != "gpu":
+        errors.append(
+            f"config.model.attention='cudnn' needs a CUDA GPU, but JAX's backend is {jax.default_backend()!r}: "
+            "use --config.model.attention=xla."
+        )
+    elif attention == "cudnn" and config.model.dtype == "float32":
+        errors.append(
+            "config.model.attention='cudnn' runs in bfloat16 or float16 only, but config.model.dtype='float32': "
+            "use --config.model.dtype=bfloat16 (or auto) or --config.model.attention=xla."
+        )
     if config.loss.mlm > 0 and not config.data.mlm_outputs:
         errors.append(
             f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "
@@ -164,6 +180,7 @@ def build(config, *, num_classes: int | None = None) -> Setup:
         dtype=dtype,
         scan=config.model.get("scan_layers", False),
         remat=config.model.get("remat", "none"),  # checked by validate_config (and by the model itself)
+        attention=config.model.get("attention", "xla"),
     )
     return Setup(model=model, clip_config=clip_cfg, init_clip_params=clip_params, tokenizer=tokenizer, info=info)
 

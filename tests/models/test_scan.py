@@ -1,8 +1,13 @@
-"""Layers under jax.lax.scan and rematerialisation (`layers.blocks`): same parameters, same function, same grads.
+"""Options that change how the model runs, not what it computes: same parameters, same function, same grads.
 
-The reference is the plain Python loop over the blocks (scan=False, remat='none'), which the CLIP parity tests
-check against transformers. Tolerances: the two programs differ only in float32 summation order, so values agree to
-a few float32 ulps of the largest magnitude compared (1e-5 relative to it, float32 eps being 1.2e-7).
+Layers under jax.lax.scan and rematerialisation (`layers.blocks`), and the attention kernel (`model.attention`).
+The reference is the plain Python loop over the blocks (scan=False, remat='none', attention='xla'), which the CLIP
+parity tests check against transformers. Tolerances: the programs differ only in float32 summation order, so values
+agree to a few float32 ulps of the largest magnitude compared (1e-5 relative to it, float32 eps being 1.2e-7).
+
+cuDNN's attention cannot run on a CPU, so the 'cudnn' branch is checked here with `jax.nn.dot_product_attention`
+patched to run XLA's kernel on exactly the arguments that branch passes (no mask; caption lengths instead; causal
+flag); on a GPU, `tools/check_attention.py` compares the real cuDNN kernel with XLA's against a float32 reference.
 """
 
 import jax
@@ -88,6 +93,43 @@ def test_decoder_scan_matches(setup):
     ref = decoder_lib.RestorationDecoder(**kw).apply(p, img, ids_restore, txt, mask)
     out = decoder_lib.RestorationDecoder(**kw, scan=True, remat="full").apply(p, img, ids_restore, txt, mask)
     _close(out, ref)
+
+
+def test_cudnn_attention_branch_matches_xla(setup, monkeypatch):
+    cfg, images, text, key, params, ((loss_ref, out_ref), g_ref) = setup
+    # The captions end (end-of-text: the row's largest id) at different positions, so the decoder's
+    # cross-attention mask matters.
+    lengths = np.asarray(jnp.argmax(text, -1)) + 1
+    assert len(set(lengths.tolist())) == len(lengths) and lengths.max() < text.shape[1], lengths
+    real, calls = jax.nn.dot_product_attention, []
+
+    def fake(q, k, v, bias=None, mask=None, *, is_causal=False, key_value_seq_lengths=None, implementation=None):
+        assert implementation == "cudnn" and mask is None and bias is None
+        calls.append((is_causal, key_value_seq_lengths is not None))
+        return real(q, k, v, is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    model = uit_lib.UIT(clip_config=cfg, num_classes=7, attention="cudnn")
+    (loss, out), g = _value_and_grad(model, params, images, text, key)
+    # Every attention took the branch: the text tower (causal), the vision tower twice (the image, then the
+    # grayscale kept patches), the decoder's cross-attention (caption lengths) and its blocks.
+    expected = [(True, False)] * cfg.text_layers + [(False, False)] * (2 * cfg.vision_layers)
+    expected += [(False, True)] + [(False, False)] * model.decoder_layers
+    assert sorted(calls) == sorted(expected)
+    _close(out, out_ref)
+    _close(g, g_ref)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=RTOL)
+
+
+def test_prefix_lengths_brute_force():
+    lengths = np.random.default_rng(0).integers(0, 9, 6)
+    mask = np.arange(9)[None] < lengths[:, None]
+    np.testing.assert_array_equal(np.asarray(layers.prefix_lengths(jnp.asarray(mask))), lengths)
+
+
+def test_unknown_attention_kernel_is_named():
+    with pytest.raises(ValueError, match="Unknown attention kernel 'flash'"):
+        layers.check_attention("flash")
 
 
 def test_unknown_remat_is_named():

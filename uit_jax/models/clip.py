@@ -146,6 +146,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -156,6 +157,7 @@ class Encoder(nn.Module):
             "layers_",
             scan=self.scan,
             remat=self.remat,
+            attention=self.attention,
             width=self.width,
             heads=self.heads,
             mlp=self.mlp,
@@ -257,6 +259,7 @@ class TextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, ids):
@@ -274,6 +277,7 @@ class TextModel(nn.Module):
             causal=True,
             scan=self.scan,
             remat=self.remat,
+            attention=self.attention,
             name="encoder",
             **kw,
         )(x)
@@ -286,6 +290,7 @@ class VisionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     def setup(self):
         c = self.config
@@ -302,6 +307,7 @@ class VisionModel(nn.Module):
             False,
             scan=self.scan,
             remat=self.remat,
+            attention=self.attention,
             **kw,
         )
         self.post_layernorm = layers.LayerNorm(c.layer_norm_eps, **kw)
@@ -319,7 +325,8 @@ class CLIP(nn.Module):
     """CLIP with both towers and their projections; see `encode_text` / `encode_image` for the outputs.
 
     `scan` runs each tower's layers under `jax.lax.scan` (one layer compiled, not 12 or 24) and `remat` picks a
-    rematerialisation policy per layer (`layers.REMAT_POLICIES`); neither changes the parameters or the maths.
+    rematerialisation policy per layer (`layers.REMAT_POLICIES`); `attention` the kernel (`layers.ATTENTION_IMPLS`).
+    None of them changes the parameters or the maths.
     """
 
     config: CLIPConfig
@@ -327,12 +334,14 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.text_model = TextModel(c, scan=self.scan, remat=self.remat, **kw)
-        self.vision_model = VisionModel(c, scan=self.scan, remat=self.remat, **kw)
+        opts = dict(scan=self.scan, remat=self.remat, attention=self.attention)
+        self.text_model = TextModel(c, **opts, **kw)
+        self.vision_model = VisionModel(c, **opts, **kw)
         proj = lambda width, name: nn.Dense(
             c.embed_dim, use_bias=False, kernel_init=nn.initializers.normal(width**-0.5), name=name, **kw
         )

@@ -72,6 +72,7 @@ class RestorationDecoder(nn.Module):
       act: MLP activation, 'quick_gelu' (CLIP), 'gelu' or 'gelu_tanh'.
       dtype: compute dtype; LayerNorms run in float32. param_dtype: parameter dtype.
       scan, remat: how the `layers` blocks run (`layers.blocks`); the parameters and the maths are the same.
+      attention: the attention kernel (`layers.ATTENTION_IMPLS`), cross-attention included.
     """
 
     grid: tuple[int, int]
@@ -86,6 +87,7 @@ class RestorationDecoder(nn.Module):
     param_dtype: Any = jnp.float32
     scan: bool = False
     remat: str = "none"
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, img_tokens, ids_restore, txt_tokens, txt_mask):
@@ -137,7 +139,13 @@ class RestorationDecoder(nn.Module):
 
         q = ln(x, "ln_q")
         cross_attn = layers.Attention(
-            self.width, self.heads, in_std=std["attn_std"], out_std=std["proj_std"], name="cross_attn", **kw
+            self.width,
+            self.heads,
+            in_std=std["attn_std"],
+            out_std=std["proj_std"],
+            attention=self.attention,
+            name="cross_attn",
+            **kw,
         )
         c = cross_attn(q, txt, txt_mask)
         # SEN drops the residual here (its `x = norm_6(x + need_text)` is commented out), so the decoder's
@@ -152,6 +160,7 @@ class RestorationDecoder(nn.Module):
             "cross_layers_",
             scan=self.scan,
             remat=self.remat,
+            attention=self.attention,
             width=self.width,
             heads=self.heads,
             mlp=int(self.width * self.mlp_ratio),

@@ -74,11 +74,29 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+# Attention kernels (`attention`): 'xla' is XLA's own softmax(q k^T) v, on every backend; 'cudnn' is cuDNN's fused
+# (flash) attention, GPU only, bfloat16/float16 compute. Same maths; `check_attention` names the valid ones.
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention kernel {attention!r}; known: {list(ATTENTION_IMPLS)}.")
+    return attention
+
+
+def prefix_lengths(kv_mask):
+    """(B, S) bool key mask that is True on a prefix of each row -> (B,) int32 lengths (cuDNN's padding form)."""
+    return kv_mask.astype(jnp.int32).sum(-1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (the HF layout, torch MultiheadAttention's maths).
 
     Self-attention when `kv` is None; cross-attention otherwise (keys and values projected from `kv`'s own width,
     like torch's kdim/vdim). `kv_mask` (B, S) bool, True = attend. Scale head_dim ** -0.5, as in CLIP.
+    `attention` picks the kernel (`ATTENTION_IMPLS`). With 'cudnn', `kv_mask` must be True on a prefix of each row
+    (a caption's tokens up to its end-of-text token, as `CLIP.encode_text` makes it): cuDNN takes it as lengths.
     """
 
     width: int
@@ -86,6 +104,7 @@ class Attention(nn.Module):
     causal: bool = False
     in_std: float | None = None
     out_std: float | None = None
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -104,8 +123,14 @@ class Attention(nn.Module):
         q = split(dense("q_proj", self.in_std)(x))
         k = split(dense("k_proj", self.in_std)(kv))
         v = split(dense("v_proj", self.in_std)(kv))
-        mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+        if check_attention(self.attention) == "cudnn":
+            lengths = None if kv_mask is None else prefix_lengths(kv_mask)
+            y = jax.nn.dot_product_attention(
+                q, k, v, is_causal=self.causal, key_value_seq_lengths=lengths, implementation="cudnn"
+            )
+        else:
+            mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation="xla")
         return dense("out_proj", self.out_std)(y.reshape(*y.shape[:-2], self.width))
 
 
@@ -139,6 +164,7 @@ class Block(nn.Module):
     attn_std: float | None = None
     proj_std: float | None = None
     fc_std: float | None = None
+    attention: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -146,7 +172,10 @@ class Block(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(self.eps, name="layer_norm1", **kw)(x)
-        x = x + Attention(self.width, self.heads, self.causal, self.attn_std, self.proj_std, name="self_attn", **kw)(h)
+        attn = Attention(
+            self.width, self.heads, self.causal, self.attn_std, self.proj_std, self.attention, name="self_attn", **kw
+        )
+        x = x + attn(h)
         h = LayerNorm(self.eps, name="layer_norm2", **kw)(x)
         return x + MLP(self.mlp, self.act, self.fc_std, self.proj_std, name="mlp", **kw)(h)
 

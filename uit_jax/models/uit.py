@@ -78,10 +78,11 @@ class UIT(nn.Module):
     dtype: Any = jnp.float32
     scan: bool = False  # towers' and decoder's layers under jax.lax.scan (`layers.blocks`): compile time
     remat: str = "none"  # 'none' | 'full' | 'dots': per-layer rematerialisation (memory for compute)
+    attention: str = "xla"  # 'xla' | 'cudnn' (GPU, bf16): the attention kernel (`layers.ATTENTION_IMPLS`)
 
     def setup(self):
         cfg = self.clip_config
-        self.clip = clip_lib.CLIP(cfg, dtype=self.dtype, scan=self.scan, remat=self.remat)
+        self.clip = clip_lib.CLIP(cfg, dtype=self.dtype, scan=self.scan, remat=self.remat, attention=self.attention)
         if self.use_id:
             # SEN: normal(std=0.001) weights, zero bias; kept in float32 (the reference runs it in fp16).
             self.classifier = nn.Dense(
@@ -105,6 +106,7 @@ class UIT(nn.Module):
                 dtype=self.dtype,
                 scan=self.scan,
                 remat=self.remat,
+                attention=self.attention,
             )
         if self.use_mlm:
             self.mlm_head = MLMHead(
