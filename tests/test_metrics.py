@@ -165,6 +165,13 @@ def test_same_figures_as_the_argsort_ranking_and_from_embeddings():
     from uit_jax.metrics import retrieval_metrics_from_embeddings
 
     emb = retrieval_metrics_from_embeddings(q, g, q_pids, g_pids, block_size=300)
+    # Full float32 products on accelerators too (GPUs default to TF32 for float32 matmuls); a CPU computes float32
+    # whatever the flag, so the flag itself is what is checked.
+    import jax
+
+    from uit_jax.metrics import block_scores
+
+    assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in str(jax.make_jaxpr(block_scores)(q[:2], g[:3]))
     # the blocks are scored by XLA, not numpy: float32 rounding may swap near-equal scores, nothing more
     for key in ref:
         np.testing.assert_allclose(emb[key], ref[key], atol=3 * 100 / 900, err_msg=key)  # 3 of 900 queries

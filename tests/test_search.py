@@ -169,6 +169,10 @@ def test_top_k_is_exact_across_blocks_and_devices():
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(scores, np.take_along_axis(q @ g.T, want, 1), rtol=1e-5, atol=1e-6)
     assert retrieval.top_k(q, g[:3], 10)[1].shape == (7, 3)
+    # Full float32 scores on accelerators too (GPUs default to TF32 for float32 matmuls; a CPU ignores the flag).
+    best = np.zeros((7, 3), np.float32), np.zeros((7, 3), np.int32)
+    jaxpr = str(jax.make_jaxpr(retrieval._merge_block)(q, g[:4], *best, 0, 4))
+    assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in jaxpr
     placed = retrieval.DeviceGallery(g, block=100)  # placed once, queried twice: same answer
     np.testing.assert_array_equal(retrieval.top_k(q, placed, 10)[1], want)
     np.testing.assert_array_equal(retrieval.top_k(q[:2], placed, 10)[1], want[:2])

@@ -108,7 +108,9 @@ def build(args):
     def init(r):
         return model.init({"params": r, "dropout": r}, images, text, rng=r)["params"]
 
-    rng = jax.random.key(0)
+    # The initial values do not matter here, so a hardware generator: with threefry (JAX's default) the ViT-B/16
+    # init's compile took 78-88 s on an H200 and 25 s on the CPU, 13 s with this one (on the CPU).
+    rng = jax.random.key(0, impl="unsafe_rbg")
     params_shape = jax.eval_shape(init, rng)
     schedule = optim.make_schedule(base_lr=1e-5, steps_per_epoch=100, epochs=60)
     tx = optim.make_optimizer(params_shape, schedule=schedule)

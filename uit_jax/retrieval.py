@@ -344,7 +344,9 @@ def top_k(queries: np.ndarray, gallery, k: int, *, block: int = 65536) -> tuple[
 
 @jax.jit
 def _merge_block(q, g, best_s, best_i, start, valid):
-    s = q @ g.T  # (Q, block)
+    # (Q, block); full float32 products, not the TF32 / bfloat16 passes GPUs and TPUs use by default, so the scores
+    # and the order of near-ties are the CPU's.
+    s = jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
     col = jnp.arange(g.shape[0], dtype=jnp.int32)
     s = jnp.where(col[None, :] < valid, s, -jnp.inf)
     k = best_s.shape[1]
