@@ -90,6 +90,25 @@ def prefix_lengths(kv_mask):
     return kv_mask.astype(jnp.int32).sum(-1)
 
 
+def cudnn_attention(q, k, v, causal: bool, kv_lengths=None):
+    """cuDNN's fused attention of q (B, T, N, H) over k, v (B, S, N, H); kv_lengths (B,) masks keys beyond them.
+
+    JAX's cuDNN path (0.10-0.11) refuses odd T or S when differentiated ("Unsupported sequence length Q 193, KV
+    193" on an H200: it counts its own empty placeholder bias as a bias, and biased attention needs even lengths),
+    and CLIP's are odd (1 + 192 patches, 77 tokens). So an odd axis is padded by one: the extra key is cut off by
+    the lengths, the extra query row is dropped. Causal attention needs no special case: a padded key comes after
+    every real query.
+    """
+    t, s = q.shape[1], k.shape[1]
+    if s % 2 and kv_lengths is None:
+        kv_lengths = jnp.full((q.shape[0],), s, jnp.int32)
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, a.shape[1] % 2), (0, 0), (0, 0)))
+    y = jax.nn.dot_product_attention(
+        pad(q), pad(k), pad(v), is_causal=causal, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+    )
+    return y[:, :t]
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (the HF layout, torch MultiheadAttention's maths).
 
@@ -124,10 +143,7 @@ class Attention(nn.Module):
         k = split(dense("k_proj", self.in_std)(kv))
         v = split(dense("v_proj", self.in_std)(kv))
         if check_attention(self.attention) == "cudnn":
-            lengths = None if kv_mask is None else prefix_lengths(kv_mask)
-            y = jax.nn.dot_product_attention(
-                q, k, v, is_causal=self.causal, key_value_seq_lengths=lengths, implementation="cudnn"
-            )
+            y = cudnn_attention(q, k, v, self.causal, None if kv_mask is None else prefix_lengths(kv_mask))
         else:
             mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation="xla")
