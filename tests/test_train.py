@@ -65,7 +65,8 @@ def test_end_to_end_writes_results(data_root, tmp_path):
         assert 0.0 <= m["mINP"] <= 100.0 and 0.0 <= m["mAP"] <= 100.0 and 0.0 <= m["R1"] <= m["R5"] <= m["R10"] <= 100.0
         assert m["num_gallery"] == 6 * 2 and m["num_queries"] == 6 * 2 * 2  # every test image / caption once
     assert res["test_at_best"] == saved["test_at_best"]
-    assert "R1" in saved["table"]
+    assert saved["test_at_last"] == saved["test_at_best"]  # best is the last step: evaluated once, reported twice
+    assert "R1" in saved["table"] and len(saved["report"]) == 2
     assert saved["nonfinite_steps"] == 0
     curve = [json.loads(line) for line in (wd / "val_curve.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in curve] == [(4, 1.0)] and 0.0 <= curve[0]["R1"] <= 100.0

@@ -586,20 +586,27 @@ def final_evaluation(config, setup, ckpt, abstract, state, enc_img, enc_txt, mes
     results: dict[str, Any] = {"dataset": config.data.name, "steps": int(step)}
     rows = {}
     best_r1 = ckpt.best()
+    best_is_last = best_r1 is not None and best_r1[0] == step  # then one evaluation serves both rows
     with jax.set_mesh(mesh):
         # The rankings and report are of the reported checkpoint: the best one when there is one, else the last.
-        last = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test, details=best_r1 is None)
-        if best_r1 is None:
+        details = best_r1 is None or best_is_last
+        last = _eval_split(config, setup, enc_img, enc_txt, state["params"], mesh, test, details=details)
+        if details:
             last, ranked, source = last
         label = f"last (step {step})"
         results["test_at_last"] = last
         rows[f"{test} @ {label}"] = last
         if best_r1 is not None:
             best, r1 = best_r1
-            best_params = state["params"] if best == step else ckpt.restore(best, abstract).state["params"]
             results["best_step"] = best
             results["val_at_best"] = {"R1": r1}
-            res, ranked, source = _eval_split(config, setup, enc_img, enc_txt, best_params, mesh, test, details=True)
+            if best_is_last:
+                res = last
+            else:
+                best_params = ckpt.restore(best, abstract).state["params"]
+                res, ranked, source = _eval_split(
+                    config, setup, enc_img, enc_txt, best_params, mesh, test, details=True
+                )
             label = f"best val (step {best})"
             results["test_at_best"] = res
             rows[f"{test} @ {label}"] = res
