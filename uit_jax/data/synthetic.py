@@ -480,14 +480,16 @@ def _identities(spec: Spec) -> list[Identity]:
     return out
 
 
-def _render_ids(out_dir: str, spec: Spec, idents: list[Identity], splits: list[str], first: int) -> list[dict]:
-    """Renders identities first+1.. (their images into out_dir/imgs/synth) and returns their annotations.
-
-    Each identity draws from its own generator (seed, pid), so any split of the ids over processes gives the same
-    files and annotations."""
+def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False) -> list[dict]:
+    """Renders the set into `out_dir` (CUHK-PEDES layout); returns the annotation list it wrote."""
+    t0 = time.time()
+    img_dir = os.path.join(out_dir, "imgs", "synth")
+    os.makedirs(img_dir, exist_ok=True)
+    idents = _identities(spec)
+    splits = ["train"] * spec.train_ids + ["val"] * spec.val_ids + ["test"] * spec.test_ids
     annos = []
-    for offset, (ident, split) in enumerate(zip(idents, splits, strict=True)):
-        pid = first + offset + 1  # CUHK-PEDES ids start at 1
+    for i, (ident, split) in enumerate(zip(idents, splits)):
+        pid = i + 1  # CUHK-PEDES ids start at 1
         rng = np.random.default_rng([spec.seed, pid, 7])
         for k in range(spec.images_per_id):
             rel = f"synth/{pid:05d}_{k}.png"
@@ -504,39 +506,6 @@ def _render_ids(out_dir: str, spec: Spec, idents: list[Identity], splits: list[s
                     "id": pid,
                 }
             )
-    return annos
-
-
-def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False, workers: int | None = None) -> list[dict]:
-    """Renders the set into `out_dir` (CUHK-PEDES layout); returns the annotation list it wrote.
-
-    `workers` processes render in parallel (default: one per CPU, at most 8, fewer for small sets; 1 renders in
-    this process). The files are the same whatever the number."""
-    t0 = time.time()
-    img_dir = os.path.join(out_dir, "imgs", "synth")
-    os.makedirs(img_dir, exist_ok=True)
-    idents = _identities(spec)
-    splits = ["train"] * spec.train_ids + ["val"] * spec.val_ids + ["test"] * spec.test_ids
-    if workers is None:  # a process's start-up costs about what 200 images do
-        workers = max(1, min(os.cpu_count() or 1, 8, len(idents) * spec.images_per_id // 200))
-    workers = max(1, min(workers, len(idents)))
-    if workers == 1:
-        annos = _render_ids(out_dir, spec, idents, splits, 0)
-    else:
-        import concurrent.futures  # noqa: PLC0415
-        import multiprocessing  # noqa: PLC0415
-
-        # Chunks in id order, a few per worker; 'spawn', since the caller may hold JAX/TensorFlow threads that a
-        # fork would copy in an unknown state.
-        bounds = np.linspace(0, len(idents), 4 * workers + 1).astype(int)
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [
-                pool.submit(_render_ids, out_dir, spec, idents[a:b], splits[a:b], int(a))
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-                if b > a
-            ]
-            annos = [a for f in futures for a in f.result()]
     with open(os.path.join(out_dir, "reid_raw.json"), "w") as f:
         json.dump(annos, f)
     with open(os.path.join(out_dir, SPEC_FILE), "w") as f:
