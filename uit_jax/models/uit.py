@@ -42,6 +42,7 @@ class MLMHead(nn.Module):
     heads: int
     layers: int
     dtype: Any = jnp.float32
+    attention: str = "xla"  # the attention kernel (`layers.ATTENTION_IMPLS`)
 
     @nn.compact
     def __call__(self, txt_tokens, img_tokens):
@@ -51,11 +52,12 @@ class MLMHead(nn.Module):
         std = layers.init_stds(self.width, self.layers)
         q = ln("ln_pre_t")(txt_tokens)
         kv = ln("ln_pre_i")(img_tokens)
+        att = dict(attention=self.attention)
         x = layers.Attention(
-            self.width, self.heads, in_std=std["attn_std"], out_std=std["proj_std"], name="cross_attn", **kw
+            self.width, self.heads, in_std=std["attn_std"], out_std=std["proj_std"], name="cross_attn", **att, **kw
         )(q, kv)
         for i in range(self.layers):
-            x = layers.Block(self.width, self.heads, 4 * self.width, name=f"cross_layers_{i}", **std, **kw)(x)
+            x = layers.Block(self.width, self.heads, 4 * self.width, name=f"cross_layers_{i}", **std, **att, **kw)(x)
         x = ln("ln_post")(x)
         dense = lambda n, s, name: nn.Dense(n, kernel_init=nn.initializers.normal(s), name=name, **kw)
         x = layers.quick_gelu(dense(self.width, std["fc_std"], "dense")(x))
@@ -115,6 +117,7 @@ class UIT(nn.Module):
                 heads=max(1, cfg.embed_dim // 64),
                 layers=self.mlm_layers,
                 dtype=self.dtype,
+                attention=self.attention,
             )
 
     def encode_image(self, images):
