@@ -1,6 +1,6 @@
 """Checks cuDNN's fused attention (`model.attention='cudnn'`) against XLA's on a GPU, for the whole UIT model.
 
-  python tools/check_attention.py --preset=vit-b16 --image_size=384,128 --batch=8
+  python tools/check_attention.py --preset=vit-b16 --image_size=384,128 --batch=8 --layers=2
 
 Runs the model's forward pass and gradient three times on the same random parameters and inputs (captions of
 different lengths, so the decoder's cross-attention mask matters): float32 with XLA's attention (the reference),
@@ -8,6 +8,8 @@ bfloat16 with XLA's, bfloat16 with cuDNN's. cuDNN runs only in bfloat16/float16,
 float32 rounding; the test is that its error against the reference is of the size bfloat16 itself causes: at most
 twice XLA-bfloat16's error, or bfloat16's unit roundoff (2^-8) of the compared magnitude, whichever is larger.
 Errors are max |x - ref| over a tree, relative to max |ref| of that tree (outputs per head, all gradients at once).
+`--layers` cuts both towers to that many blocks (the attention shapes stay the preset's; three full ViT-B/16
+gradients did not compile in 120 s on an H200); 0 keeps the preset's depth.
 Prints one JSON line; exit status 0 when cuDNN passes, 1 when it does not, 2 when there is no CUDA GPU.
 Runs without TensorFlow.
 """
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", default="384,128", help="H,W")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--num_classes", type=int, default=100)
+    p.add_argument("--layers", type=int, default=2, help="blocks per tower (0: the preset's)")
     args = p.parse_args(argv)
 
     import jax  # noqa: PLC0415
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
         print(f"check_attention: cuDNN attention needs a CUDA GPU; JAX's backend here is {jax.default_backend()!r}.")
         return 2
     h, w = (int(x) for x in args.image_size.split(","))
-    cfg = clip_lib.config_from_preset(args.preset, image_size=(h, w))
+    depth = dict(vision_layers=args.layers, text_layers=args.layers) if args.layers else {}
+    cfg = clip_lib.config_from_preset(args.preset, image_size=(h, w), **depth)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.batch, h, w, 3)), jnp.float32)
     eot = cfg.eot_token_id if cfg.eot_token_id is not None else cfg.vocab_size - 1
@@ -77,7 +81,13 @@ def main(argv=None) -> int:
         return max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b, strict=True)) / scale
 
     ref_out, ref_g = run(jnp.float32, "xla")
-    result = dict(device=jax.devices()[0].device_kind, preset=args.preset, image_size=[h, w], batch=args.batch)
+    result = dict(
+        device=jax.devices()[0].device_kind,
+        preset=args.preset,
+        layers=cfg.vision_layers,
+        image_size=[h, w],
+        batch=args.batch,
+    )
     errs = {}
     for attention in ("xla", "cudnn"):
         out, g = run(jnp.bfloat16, attention)

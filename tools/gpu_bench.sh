@@ -48,7 +48,7 @@ step() {  # step NAME CAP_SECONDS ARGS...: runs one command under min(CAP, what 
 b16=(tools/benchmark.py --preset=vit-b16 --image_size=384,128 --batch=128 --dtype=bfloat16 --steps=20)
 l14=(tools/benchmark.py --preset=vit-l14 --image_size=378,126 --batch=128 --dtype=bfloat16 --steps=10)
 icfg=(--queries=19848 --gallery=19848)
-check=(tools/check_attention.py --preset=vit-b16 --image_size=384,128 --batch=8)
+check=(tools/check_attention.py --preset=vit-b16 --image_size=384,128 --batch=8 --layers=2)
 if [[ -n ${GPU_BENCH_SMOKE:-} ]]; then  # the same flow at toy shapes, to check the script on a CPU first
   b16=(tools/benchmark.py --preset=tiny --image_size=64,32 --batch=8 --dtype=float32 --steps=2)
   l14=("${b16[@]}")
@@ -59,7 +59,7 @@ fi
 # parameter init, with the benchmark's hardware PRNG, in 10 s (78-88 s with threefry). cuDNN rows first: they
 # are the new measurement, and the XLA rows give the ratio in the same process.
 step 1_b16_attention 360 $py "${b16[@]}" --table='full,attention=cudnn;full;align,attention=cudnn;align'
-step 2_check_attention 200 $py "${check[@]}"
+step 2_check_attention 150 $py "${check[@]}"
 step 3_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
 step 4_l14 240 $py "${l14[@]}" --scan=1 --remat=full
 step 5_b16_cached 60 $py "${b16[@]}"
