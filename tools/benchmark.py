@@ -270,18 +270,8 @@ def run_one(args) -> dict:
     return report(args, built, timed)
 
 
-VARIANT_KEYS = dict(
-    objectives=str,
-    batch=int,
-    remat=str,
-    scan=int,
-    dtype=str,
-    text_len=int,
-    preset=str,
-    image_size=str,
-    fsdp=int,
-    attention=str,
-)
+VARIANT_KEYS = dict(objectives=str, batch=int, remat=str, scan=int, dtype=str, text_len=int, preset=str, fsdp=int)
+VARIANT_KEYS.update(image_size=str, attention=str)
 
 
 def parse_variant(spec: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:

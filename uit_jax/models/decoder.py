@@ -89,6 +89,23 @@ class RestorationDecoder(nn.Module):
     remat: str = "none"
     attention: str = "xla"
 
+    def _check_inputs(self, img_tokens, ids_restore, txt_tokens, txt_mask) -> tuple[int, int, int]:
+        """Returns (B, N patches, K kept patches), or a ValueError naming the mismatched input."""
+        n = self.grid[0] * self.grid[1]
+        b, k = img_tokens.shape[0], img_tokens.shape[1] - 1
+        if ids_restore.shape != (b, n):
+            raise ValueError(
+                f"RestorationDecoder: ids_restore has shape {ids_restore.shape}, expected (B={b}, N={n}) for "
+                f"grid={self.grid}; check the decoder grid against the vision tower's patch grid"
+            )
+        if not 0 <= k <= n:
+            raise ValueError(f"RestorationDecoder: img_tokens holds {k} kept patches, more than N={n}")
+        if txt_mask.shape != txt_tokens.shape[:2]:
+            raise ValueError(
+                f"RestorationDecoder: txt_mask shape {txt_mask.shape} != txt_tokens (B, L) = {txt_tokens.shape[:2]}"
+            )
+        return b, n, k
+
     @nn.compact
     def __call__(self, img_tokens, ids_restore, txt_tokens, txt_mask):
         """Decodes patches.
@@ -103,22 +120,7 @@ class RestorationDecoder(nn.Module):
         Returns:
           (B, N, patch_dim) float32 pixel predictions for every patch position (class token removed).
         """
-        h, w = self.grid
-        n = h * w
-        b, kept_plus_cls, _ = img_tokens.shape
-        k = kept_plus_cls - 1
-        if ids_restore.shape != (b, n):
-            raise ValueError(
-                f"RestorationDecoder: ids_restore has shape {ids_restore.shape}, expected (B={b}, N={n}) for "
-                f"grid={self.grid}; check the decoder grid against the vision tower's patch grid"
-            )
-        if not 0 <= k <= n:
-            raise ValueError(f"RestorationDecoder: img_tokens holds {k} kept patches, more than N={n}")
-        if txt_mask.shape != txt_tokens.shape[:2]:
-            raise ValueError(
-                f"RestorationDecoder: txt_mask shape {txt_mask.shape} != txt_tokens (B, L) = {txt_tokens.shape[:2]}"
-            )
-
+        b, n, k = self._check_inputs(img_tokens, ids_restore, txt_tokens, txt_mask)
         # SEN's init (CLIP's): in-projections width^-0.5, output projections additionally (2 layers)^-0.5.
         std = layers.init_stds(self.width, self.layers)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
