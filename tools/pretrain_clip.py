@@ -44,7 +44,7 @@ from uit_jax.retrieval import Retriever  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- the corpus
-def generic_caption(ident: synth.Identity, rng: np.random.Generator) -> str:
+def generic_caption(ident: synth.Identity, rng: np.random.Generator, name_prob: float = 0.7) -> str:
     """An alt-text-style caption: the subject, then a random subset of the attributes in random order.
 
     Words are drawn from the same synonym lists as the dataset's annotators use ("a lady", "a jumper"): web
@@ -65,7 +65,7 @@ def generic_caption(ident: synth.Identity, rng: np.random.Generator) -> str:
         parts.append(f"{ident.bag_color} {syn(ident.bag)}")
     if ident.headwear != "none":
         parts.append(f"{ident.head_color} {syn(ident.headwear)}")
-    keep = [p for p in parts if rng.uniform() < 0.7] or [parts[int(rng.integers(len(parts)))]]
+    keep = [p for p in parts if rng.uniform() < name_prob] or [parts[int(rng.integers(len(parts)))]]
     keep = [keep[i] for i in rng.permutation(len(keep))]
     keep = [p if p.split()[-1] in plural or p.endswith("hair") else f"{synth._article(p)} {p}" for p in keep]
     who = syn(ident.gender)
@@ -87,7 +87,9 @@ def square_view(ident: synth.Identity, rng: np.random.Generator, size: int) -> n
     return canvas
 
 
-def make_corpus(num_ids: int, views: int, captions: int, size: int, seed: int, tokenizer, text_len: int):
+def make_corpus(
+    num_ids: int, views: int, captions: int, size: int, seed: int, tokenizer, text_len: int, name_prob: float = 0.7
+):
     """(images uint8 (N, S, S, 3), ids (N, captions, L) int32): `views` images per identity of seed `seed`;
     image n shows identity n // views."""
     images = np.empty((num_ids * views, size, size, 3), np.uint8)  # filled in place: 40,000 ids x 2 views is 3.9 GB
@@ -97,7 +99,7 @@ def make_corpus(num_ids: int, views: int, captions: int, size: int, seed: int, t
         rng = np.random.default_rng([seed, i, 1])
         for v in range(views):
             images[i * views + v] = square_view(ident, rng, size)
-            caps = [generic_caption(ident, rng) for _ in range(captions)]
+            caps = [generic_caption(ident, rng, name_prob) for _ in range(captions)]
             texts[i * views + v] = tok_lib.tokenize(tokenizer, caps, text_len)
     return images, texts
 
@@ -211,7 +213,10 @@ def corpus_gap(model_dir: str, ids: int) -> dict:
     r = _retriever(model, params, tokenizer, (args["size"], args["size"]))
     out = {}
     for name, s in (("seen", args["corpus_seed"]), ("unseen", UNSEEN_SEED)):
-        images, texts = make_corpus(ids, args["views"], args["captions"], args["size"], s, tokenizer, args["text_len"])
+        images, texts = make_corpus(
+            ids, args["views"], args["captions"], args["size"], s, tokenizer, args["text_len"],
+            args.get("name_prob", 0.7),
+        )  # fmt: skip
         z_img, z_txt = r.encode_pixels(images, batch_size=256), r.encode_token_ids(texts[:, 0])
         pid = np.arange(len(images)) // args["views"]
         out[name] = dict(_rounded(metrics.retrieval_metrics(z_txt @ z_img.T, pid, pid)), seed=s, ids=ids)
@@ -238,6 +243,9 @@ def parse(argv=None):
     p.add_argument("--captions", type=int, default=2, help="generic captions per image (one drawn per step)")
     p.add_argument("--corpus_seed", type=int, default=1, help="identity seed (the default dataset uses 0)")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+    p.add_argument(
+        "--name_prob", type=float, default=0.7, help="chance that a caption names each attribute (the shipped: 0.7)"
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -272,7 +280,7 @@ def main(argv=None) -> dict:
         a.preset, vocab_size=len(tokenizer), image_size=(a.size, a.size), text_len=a.text_len,
         eot_token_id=tok_lib.eot_id(tokenizer),
     )  # fmt: skip
-    images, texts = make_corpus(a.ids, a.views, a.captions, a.size, a.corpus_seed, tokenizer, a.text_len)
+    images, texts = make_corpus(a.ids, a.views, a.captions, a.size, a.corpus_seed, tokenizer, a.text_len, a.name_prob)
     print(f"corpus: {len(images)} images of {a.ids} identities, {a.size}x{a.size}, in {time.time() - t0:.0f}s")
 
     model = clip_lib.CLIP(config)

@@ -67,6 +67,10 @@ def test_generic_captions_and_square_views():
     vocab = set(synth.VOCABULARY)
     assert all(w in vocab for c in caps for w in synth.caption_words(c)), "the tokenizer only knows VOCABULARY"
     assert any(ident.upper_color in c for c in caps)
+    parts = [c.count(",") for c in caps]  # one comma after the subject, then one between named attributes
+    every = [pretrain_clip.generic_caption(ident, rng, name_prob=1.0) for _ in range(10)]
+    assert min(c.count(",") for c in every) == max(parts) > min(parts)  # --name_prob 1: every attribute, always
+    assert all(f"{ident.hair_color} hair" in c and ident.lower_color in c for c in every)
     view = pretrain_clip.square_view(ident, rng, 64)
     assert view.shape == (64, 64, 3) and view.dtype == np.uint8
 
