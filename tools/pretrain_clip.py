@@ -42,10 +42,23 @@ from uit_jax.models import clip as clip_lib  # noqa: E402
 from uit_jax.models import convert  # noqa: E402
 from uit_jax.retrieval import Retriever  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------- the corpus
-def generic_caption(ident: synth.Identity, rng: np.random.Generator, name_prob: float = 0.7) -> str:
-    """An alt-text-style caption: the subject, then a random subset of the attributes in random order.
+# What each part of a generic caption names (the subject always names the gender).
+PARTS = {
+    "hair": ("hair", "hair_color"),
+    "upper": ("upper", "upper_color", "pattern"),
+    "lower": ("lower", "lower_color"),
+    "shoes": ("shoes", "shoe_color"),
+    "bag": ("bag", "bag_color"),
+    "headwear": ("headwear", "head_color"),
+}
+
+
+def generic_caption(
+    ident: synth.Identity, rng: np.random.Generator, name_prob: float = 0.7, named: list | None = None
+) -> str:
+    """An alt-text-style caption: the subject, then a random subset of the attributes in random order. The names
+    (`PARTS`' keys) of the parts it mentions are appended to `named` when given.
 
     Words are drawn from the same synonym lists as the dataset's annotators use ("a lady", "a jumper"): web
     alt-text, on which CLIP is trained, uses all of them, and a word the pre-training never saw starts fine-tuning
@@ -61,11 +74,17 @@ def generic_caption(ident: synth.Identity, rng: np.random.Generator, name_prob: 
         f"{ident.lower_color} {syn(ident.lower)}",
         f"{ident.shoe_color} {syn(ident.shoes)}",
     ]
+    keys = ["hair", "upper", "lower", "shoes"]
     if ident.bag != "none":
         parts.append(f"{ident.bag_color} {syn(ident.bag)}")
+        keys.append("bag")
     if ident.headwear != "none":
         parts.append(f"{ident.head_color} {syn(ident.headwear)}")
-    keep = [p for p in parts if rng.uniform() < name_prob] or [parts[int(rng.integers(len(parts)))]]
+        keys.append("headwear")
+    picked = [k for k in range(len(parts)) if rng.uniform() < name_prob] or [int(rng.integers(len(parts)))]
+    if named is not None:
+        named.extend(keys[k] for k in picked)
+    keep = [parts[k] for k in picked]
     keep = [keep[i] for i in rng.permutation(len(keep))]
     keep = [p if p.split()[-1] in plural or p.endswith("hair") else f"{synth._article(p)} {p}" for p in keep]
     who = syn(ident.gender)
@@ -90,18 +109,25 @@ def square_view(ident: synth.Identity, rng: np.random.Generator, size: int) -> n
 def make_corpus(
     num_ids: int, views: int, captions: int, size: int, seed: int, tokenizer, text_len: int, name_prob: float = 0.7
 ):
-    """(images uint8 (N, S, S, 3), ids (N, captions, L) int32): `views` images per identity of seed `seed`;
-    image n shows identity n // views."""
+    """(images uint8 (N, S, S, 3), ids (N, captions, L) int32, named (N, captions) uint8): `views` images per
+    identity of seed `seed`; image n shows identity n // views; bit k of `named` is set when the caption names the
+    k-th of `PARTS`."""
     images = np.empty((num_ids * views, size, size, 3), np.uint8)  # filled in place: 40,000 ids x 2 views is 3.9 GB
     texts = np.empty((num_ids * views, captions, text_len), np.int32)
+    named = np.zeros((num_ids * views, captions), np.uint8)
+    bit = {k: 1 << i for i, k in enumerate(PARTS)}
     for i in range(num_ids):
         ident = corpus_identity(seed, i)
         rng = np.random.default_rng([seed, i, 1])
         for v in range(views):
             images[i * views + v] = square_view(ident, rng, size)
-            caps = [generic_caption(ident, rng, name_prob) for _ in range(captions)]
+            caps = []
+            for c in range(captions):
+                parts: list[str] = []
+                caps.append(generic_caption(ident, rng, name_prob, parts))
+                named[i * views + v, c] = sum(bit[k] for k in parts)
             texts[i * views + v] = tok_lib.tokenize(tokenizer, caps, text_len)
-    return images, texts
+    return images, texts, named
 
 
 def corpus_identity(seed: int, i: int) -> synth.Identity:
@@ -144,17 +170,47 @@ def draw_batch(rng, batch: int, views: int, neighbours: list[np.ndarray], hard: 
     return ids * views + rng.integers(views, size=len(ids))
 
 
+def part_codes(num_ids: int, seed: int) -> np.ndarray:
+    """(num_ids, 1 + len(PARTS)) int: per identity, a code for its gender and for each part's attributes (two
+    identities share a code when every attribute of that part is equal)."""
+    idents = [corpus_identity(seed, i) for i in range(num_ids)]
+    cols = [[x.gender for x in idents]] + [
+        ["|".join(getattr(x, f) for f in fs) for x in idents] for fs in PARTS.values()
+    ]
+    return np.stack([np.unique(np.array(c), return_inverse=True)[1] for c in cols], 1)
+
+
+def consistent(codes: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """(B, B) bool: caption i (of the identity with part codes codes[i], naming the parts in bitmask named[i])
+    describes image j truthfully: same gender and, for every part it names, the same attributes."""
+    need = np.c_[np.ones(len(named), bool), (named[:, None] >> np.arange(len(PARTS))) & 1 == 1]  # (B, 1 + P)
+    same = codes[:, None, :] == codes[None, :, :]  # (B_txt, B_img, 1 + P)
+    return np.all(same | ~need[:, None, :], axis=-1)
+
+
+def multi_positive_itc(z_img, z_txt, logit_scale, pos):
+    """InfoNCE where pos[i, j] (caption i, image j) marks every true description as a positive, not only the pair's
+    own: -log of the softmax mass on the positives, text-to-image and image-to-text, averaged."""
+    logits = logit_scale * (losses.l2_normalize(z_txt) @ losses.l2_normalize(z_img).T)  # (B_txt, B_img)
+    masked = jnp.where(pos, logits, -jnp.inf)
+    t2i = jax.nn.logsumexp(logits, axis=1) - jax.nn.logsumexp(masked, axis=1)
+    i2t = jax.nn.logsumexp(logits, axis=0) - jax.nn.logsumexp(masked, axis=0)
+    return 0.5 * (jnp.mean(t2i) + jnp.mean(i2t))
+
+
 # --------------------------------------------------------------------------------------------- training
 def make_step(model, tx):
-    def loss_fn(params, images, ids):
+    def loss_fn(params, images, ids, pos):
         z_img = model.apply({"params": params}, images, method=model.encode_image)["embed"]
         z_txt = model.apply({"params": params}, ids, method=model.encode_text)["embed"]
         scale = jnp.exp(jnp.clip(params["logit_scale"], 0.0, np.log(100.0)))  # CLIP clips at 100
-        return losses.itc(z_img, z_txt, scale)
+        if pos is None:
+            return losses.itc(z_img, z_txt, scale)
+        return multi_positive_itc(z_img, z_txt, scale, pos)
 
     @jax.jit
-    def step(params, opt_state, images, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, ids)
+    def step(params, opt_state, images, ids, pos=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, ids, pos)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -213,7 +269,7 @@ def corpus_gap(model_dir: str, ids: int) -> dict:
     r = _retriever(model, params, tokenizer, (args["size"], args["size"]))
     out = {}
     for name, s in (("seen", args["corpus_seed"]), ("unseen", UNSEEN_SEED)):
-        images, texts = make_corpus(
+        images, texts, _ = make_corpus(
             ids, args["views"], args["captions"], args["size"], s, tokenizer, args["text_len"],
             args.get("name_prob", 0.7),
         )  # fmt: skip
@@ -257,6 +313,10 @@ def parse(argv=None):
         help="fraction of each batch made of attribute neighbours (identities differing in 1..--max_diff fields)",
     )  # fmt: skip
     p.add_argument("--max_diff", type=int, default=5, help="most differing attributes of a hard neighbour")
+    p.add_argument(
+        "--consistent", action="store_true",
+        help="count every in-batch image a caption truthfully describes as its positive (no false negatives)",
+    )  # fmt: skip
     p.add_argument("--init", default="", help="start from this Hugging Face CLIP folder instead of a random init")
     p.add_argument("--eval_data_root", default="", help="a synthetic set folder: report zero-shot test figures")
     p.add_argument(
@@ -280,7 +340,9 @@ def main(argv=None) -> dict:
         a.preset, vocab_size=len(tokenizer), image_size=(a.size, a.size), text_len=a.text_len,
         eot_token_id=tok_lib.eot_id(tokenizer),
     )  # fmt: skip
-    images, texts = make_corpus(a.ids, a.views, a.captions, a.size, a.corpus_seed, tokenizer, a.text_len, a.name_prob)
+    images, texts, named = make_corpus(
+        a.ids, a.views, a.captions, a.size, a.corpus_seed, tokenizer, a.text_len, a.name_prob
+    )
     print(f"corpus: {len(images)} images of {a.ids} identities, {a.size}x{a.size}, in {time.time() - t0:.0f}s")
 
     model = clip_lib.CLIP(config)
@@ -302,6 +364,7 @@ def main(argv=None) -> dict:
     if a.hard > 0 and a.batch > a.ids:
         raise SystemExit(f"--hard needs --batch ({a.batch}) <= --ids ({a.ids}): one view per identity in a batch.")
     neighbours = attribute_neighbours(a.ids, a.corpus_seed, a.max_diff) if a.hard > 0 else []
+    codes = part_codes(a.ids, a.corpus_seed) if a.consistent else None
     curve, t_train = [], time.time()
     for i in range(a.steps):
         if a.hard > 0:
@@ -309,7 +372,8 @@ def main(argv=None) -> dict:
         else:  # as the shipped model was made (any images; two views of one person may meet)
             idx = rng.choice(len(images), a.batch, replace=False)
         cap = rng.integers(a.captions, size=a.batch)
-        params, opt_state, loss = step(params, opt_state, augment_batch(images[idx], rng), texts[idx, cap])
+        pos = consistent(codes[idx // a.views], named[idx, cap]) if a.consistent else None
+        params, opt_state, loss = step(params, opt_state, augment_batch(images[idx], rng), texts[idx, cap], pos)
         if (i + 1) % a.log_every == 0 or i + 1 == a.steps:
             rate = (i + 1) * a.batch / (time.time() - t_train)
             scale = float(jnp.exp(params["logit_scale"]))

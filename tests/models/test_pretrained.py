@@ -13,6 +13,7 @@ import transformers
 from tests import numerics
 from tests.models import random_clip_params
 from tools import pretrain_clip
+from uit_jax import losses
 from uit_jax.data import synthetic as synth
 from uit_jax.data import tokenizer as tk
 from uit_jax.models import clip, convert
@@ -101,7 +102,7 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     more = pretrain_clip.main(
         ["--out", str(tmp_path / "more"), "--init", out, "--hard", "0.5", "--max_diff", "14", "--preset", "tiny",
          "--size", "32", "--text_len", "24", "--ids", "6", "--steps", "2", "--warmup", "1", "--batch", "4",
-         "--log_every", "1"]
+         "--log_every", "1", "--consistent"]
     )  # fmt: skip
     assert more["args"]["init"] == out and np.isfinite(more["curve"][-1]["loss"])
     saved = json.load(open(tmp_path / "more" / "pretrain.json"))
@@ -149,3 +150,46 @@ def test_synthetic_default_fine_tunes_the_shipped_model_with_the_paper_recipe():
     assert c.batch_size == paper.batch_size == 128 and c.optim.no_decay_rules == paper.optim.no_decay_rules
     scratch = synthetic.get_config("scratch")
     assert scratch.model_init == "" and scratch.model.preset == "mini" and scratch.model.temperature == 0.2
+
+
+def test_named_parts_and_consistent_positives():
+    """`make_corpus` records which parts each caption names; `consistent` marks, against a brute-force reading of
+    the attributes, every image a caption describes truthfully."""
+    tok = tk.load_tokenizer(SHIPPED)
+    n = 60
+    _, _, named = pretrain_clip.make_corpus(n, 1, 2, 32, 3, tok, 56)
+    idents = [pretrain_clip.corpus_identity(3, i) for i in range(n)]
+    parts = list(pretrain_clip.PARTS)
+    for i in range(n):  # the captions again, with the same draws, and the parts they name
+        rng = np.random.default_rng([3, i, 1])
+        pretrain_clip.square_view(idents[i], rng, 32)
+        for c in range(2):
+            said: list[str] = []
+            text = pretrain_clip.generic_caption(idents[i], rng, 0.7, said)
+            assert named[i, c] == sum(1 << parts.index(k) for k in said)
+            assert ("hair" in said) == (" hair" in text)
+    codes = pretrain_clip.part_codes(n, 3)
+    pos = pretrain_clip.consistent(codes, named[:, 0])
+    for i in range(n):
+        for j in range(n):
+            said = [k for b, k in enumerate(parts) if named[i, 0] >> b & 1]
+            fields = ["gender"] + [f for k in said for f in pretrain_clip.PARTS[k]]
+            assert pos[i, j] == all(getattr(idents[i], f) == getattr(idents[j], f) for f in fields), (i, j)
+    assert pos.diagonal().all() and 0 < pos.sum() - n  # some captions describe other people too
+
+
+def test_multi_positive_itc_against_numpy():
+    rng = np.random.default_rng(0)
+    zi, zt = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    eye = np.eye(6, dtype=bool)
+    # float32 logits of magnitude <= 10 (the scale): the log-sum-exps are exact to a few eps of that magnitude
+    tol = 64 * numerics.F32_EPS * 10.0
+    got = float(pretrain_clip.multi_positive_itc(zi, zt, 10.0, eye))
+    assert abs(got - float(losses.itc(zi, zt, 10.0))) <= tol  # one positive each: CLIP's own ITC
+    pos = eye | (rng.uniform(size=(6, 6)) < 0.3)
+    ni, nt = zi / np.linalg.norm(zi, axis=1, keepdims=True), zt / np.linalg.norm(zt, axis=1, keepdims=True)
+    p = np.exp(10.0 * nt @ ni.T)  # (text, image)
+    t2i = -np.log((p * pos).sum(1) / p.sum(1))
+    i2t = -np.log((p * pos).sum(0) / p.sum(0))
+    got = float(pretrain_clip.multi_positive_itc(zi, zt, 10.0, pos))
+    assert abs(got - 0.5 * (t2i.mean() + i2t.mean())) <= tol and abs(got - float(losses.itc(zi, zt, 10.0))) > 0.05
