@@ -326,6 +326,8 @@ def test_attribute_probe_supervised(run, tiny_hf_clip_dir):
     after = attribute_probe.supervised(tiny_hf_clip_dir, data_root, "train", (32, 16), 40, **kw)
     assert set(after) == set(attribute_probe.FIELDS)
     assert after["upper_color"] >= 0.75 and after["upper_color"] > before["upper_color"] + 0.3, (before, after)
+    fresh = attribute_probe.supervised(tiny_hf_clip_dir, data_root, "train", (32, 16), 2, stride=4, random_init=True)
+    assert set(fresh) == set(attribute_probe.FIELDS) and all(0 <= v <= 1 for v in fresh.values())
     fit = attribute_probe.pixel_baseline(data_root, "train", size=(16, 8), ridge=1e-6)  # 385 pixels, 32 images
     assert fit == {f: 1.0 for f in attribute_probe.FIELDS}  # interpolates its own training images
     with pytest.raises(SystemExit, match="--supervised needs --model"):

@@ -69,8 +69,12 @@ def supervised(
     batch: int = 128,
     lr: float = 1e-3,
     stride: int | None = None,
+    random_init: bool = False,
 ) -> dict:
-    """Accuracy per attribute on `split` after fine-tuning the image tower with attribute heads on 'train'."""
+    """Accuracy per attribute on `split` after fine-tuning the image tower with attribute heads on 'train'.
+
+    `stride`: the patch stride (overlapping patches below the patch size); `random_init`: the folder's architecture
+    with fresh weights instead of its own."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -78,6 +82,9 @@ def supervised(
     from uit_jax.models import convert
 
     model, params = convert.load(model_dir, image_size=size, stride=stride)
+    if random_init:
+        dummy = (jnp.zeros((1, *size, 3)), jnp.zeros((1, model.config.text_len), jnp.int32))
+        params = jax.jit(model.init)(jax.random.key(1), *dummy)["params"]
     everyone = synth._identities(synth.read_spec(root))
     values = {f: sorted({str(getattr(v, f)) for v in everyone}) for f in FIELDS}
     n_cls = {f: len(v) for f, v in values.items()}
