@@ -331,6 +331,8 @@ def main(argv=None) -> dict:
     a = parse(argv)
     if a.eval_only:
         return add_evaluations(a.out, a.eval_data_root, a.gap_ids)
+    if not 0.0 <= a.name_prob <= 1.0:
+        raise SystemExit(f"--name_prob {a.name_prob} is not a probability: give a value in [0, 1] (the shipped: 0.7).")
     t0 = time.time()
     tmp_tok = a.out.rstrip("/") + ".tokenizer.tmp"
     shutil.rmtree(tmp_tok, ignore_errors=True)

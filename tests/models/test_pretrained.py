@@ -72,6 +72,8 @@ def test_generic_captions_and_square_views():
     every = [pretrain_clip.generic_caption(ident, rng, name_prob=1.0) for _ in range(10)]
     assert min(c.count(",") for c in every) == max(parts) > min(parts)  # --name_prob 1: every attribute, always
     assert all(f"{ident.hair_color} hair" in c and ident.lower_color in c for c in every)
+    with pytest.raises(SystemExit, match="--name_prob 1.5 is not a probability"):
+        pretrain_clip.main(["--out", "unused", "--name_prob", "1.5"])  # refused before any work
     view = pretrain_clip.square_view(ident, rng, 64)
     assert view.shape == (64, 64, 3) and view.dtype == np.uint8
 
