@@ -25,13 +25,12 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools import caption_oracle  # noqa: E402
 from uit_jax import retrieval  # noqa: E402
-from uit_jax.data import augment  # noqa: E402
+from uit_jax.data import images  # noqa: E402
 from uit_jax.data import synthetic as synth  # noqa: E402
 
 FIELDS = [f for f in synth.Identity.__dataclass_fields__ if f != "skin"]
@@ -50,14 +49,8 @@ def probe(z: np.ndarray, labels: list, pids: np.ndarray, ridge: float = 1e-2) ->
 
 
 def _images(root: str, annos: list[dict], size) -> np.ndarray:
-    """The split's images, resized to `size` (H, W) and CLIP-normalised; float32 (N, H, W, 3)."""
-    out = []
-    for x in annos:
-        im = Image.open(os.path.join(root, "imgs", x["file_path"])).convert("RGB")
-        if im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BICUBIC)
-        out.append(np.asarray(im, np.float32) / 255.0)
-    return ((np.stack(out) - np.float32(augment.CLIP_MEAN)) / np.float32(augment.CLIP_STD)).astype(np.float32)
+    """The split's images, resized to `size` (H, W) and CLIP-normalised as the trainer reads them; float32."""
+    return images.normalize(images.load_batch([os.path.join(root, "imgs", x["file_path"]) for x in annos], size)[0])
 
 
 def supervised(
