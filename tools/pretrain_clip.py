@@ -37,9 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from uit_jax import losses, metrics  # noqa: E402
 from uit_jax.data import augment  # noqa: E402
 from uit_jax.data import synthetic as synth  # noqa: E402
+from uit_jax.data import text as text_lib  # noqa: E402
 from uit_jax.data import tokenizer as tok_lib  # noqa: E402
 from uit_jax.models import clip as clip_lib  # noqa: E402
 from uit_jax.models import convert  # noqa: E402
+from uit_jax.models import uit as uit_lib  # noqa: E402
 from uit_jax.retrieval import Retriever  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- the corpus
@@ -199,20 +201,57 @@ def multi_positive_itc(z_img, z_txt, logit_scale, pos):
 
 
 # --------------------------------------------------------------------------------------------- training
-def make_step(model, tx):
-    def loss_fn(params, images, ids, pos):
-        z_img = model.apply({"params": params}, images, method=model.encode_image)["embed"]
-        z_txt = model.apply({"params": params}, ids, method=model.encode_text)["embed"]
-        scale = jnp.exp(jnp.clip(params["logit_scale"], 0.0, np.log(100.0)))  # CLIP clips at 100
+def maskable_ids(tokenizer) -> np.ndarray:
+    """(V,) bool: the tokens `mlm_mask` may hide: every word of a caption but the articles; never the comma,
+    padding, start/end-of-text or the mask token itself."""
+    words = tokenizer(["a an ,"], add_special_tokens=False)["input_ids"][0]
+    out = np.zeros(len(tokenizer), bool)
+    out[1 : text_lib.mask_token_id(tokenizer)] = True
+    out[words] = False
+    return out
+
+
+def mlm_mask(ids: np.ndarray, rng: np.random.Generator, rate: float, maskable: np.ndarray, mask_id: int):
+    """(masked ids, labels) for the masked-word objective: each maskable token of `ids` (B, L) is replaced by
+    `mask_id` with probability `rate` and becomes a target (labels 0 elsewhere); a caption that drew none gets one,
+    at a random maskable position. In a generic caption most words are attribute values ("a lady, long [MASK]
+    hair, black boots"), so predicting them from the image makes the image tower read hair and shoe colours that a
+    contrastive batch rarely needs."""
+    can = maskable[ids]
+    chosen = can & (rng.uniform(size=ids.shape) < rate)
+    for i in np.flatnonzero(~chosen.any(1) & can.any(1)):
+        chosen[i, rng.choice(np.flatnonzero(can[i]))] = True
+    return np.where(chosen, mask_id, ids).astype(np.int32), np.where(chosen, ids, 0).astype(np.int32)
+
+
+def make_step(model, tx, head=None, mlm_weight: float = 0.0):
+    """The jitted update. Without `head`, `params` are the CLIP's and the loss is (multi-positive) ITC. With an
+    MLM head (`uit_jax.models.uit.MLMHead`), `params` is {"clip", "mlm"} and the loss adds `mlm_weight` x the
+    masked-word cross-entropy: the masked caption's tokens cross-attend to the image's tokens (IRRA's objective)."""
+
+    def loss_fn(params, images, ids, pos, mlm_ids, mlm_labels):
+        clip_params = params["clip"] if head is not None else params
+        img = model.apply({"params": clip_params}, images, method=model.encode_image)
+        z_txt = model.apply({"params": clip_params}, ids, method=model.encode_text)["embed"]
+        scale = jnp.exp(jnp.clip(clip_params["logit_scale"], 0.0, np.log(100.0)))  # CLIP clips at 100
         if pos is None:
-            return losses.itc(z_img, z_txt, scale)
-        return multi_positive_itc(z_img, z_txt, scale, pos)
+            itc = losses.itc(img["embed"], z_txt, scale)
+        else:
+            itc = multi_positive_itc(img["embed"], z_txt, scale, pos)
+        if head is None:
+            return itc, dict(itc=itc)
+        masked = model.apply({"params": clip_params}, mlm_ids, method=model.encode_text)["tokens"]
+        logits = head.apply({"params": params["mlm"]}, masked, img["tokens"])
+        mlm = losses.mlm(logits, mlm_labels)
+        hit = (jnp.argmax(logits, -1) == mlm_labels) & (mlm_labels > 0)
+        acc = jnp.sum(hit) / jnp.maximum(jnp.sum(mlm_labels > 0), 1)
+        return itc + mlm_weight * mlm, dict(itc=itc, mlm=mlm, mlm_acc=acc)
 
     @jax.jit
-    def step(params, opt_state, images, ids, pos=None):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, ids, pos)
+    def step(params, opt_state, images, ids, pos=None, mlm_ids=None, mlm_labels=None):
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, ids, pos, mlm_ids, mlm_labels)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, parts
 
     return step
 
@@ -317,6 +356,12 @@ def parse(argv=None):
         "--consistent", action="store_true",
         help="count every in-batch image a caption truthfully describes as its positive (no false negatives)",
     )  # fmt: skip
+    p.add_argument(
+        "--mlm", type=float, default=0.0,
+        help="weight of a masked-word objective (IRRA's MLM: masked caption words predicted from the image); 0: off",
+    )  # fmt: skip
+    p.add_argument("--mlm_rate", type=float, default=0.3, help="chance that --mlm hides each word (not articles)")
+    p.add_argument("--mlm_layers", type=int, default=2, help="transformer layers of the MLM head (dropped at save)")
     p.add_argument("--init", default="", help="start from this Hugging Face CLIP folder instead of a random init")
     p.add_argument("--eval_data_root", default="", help="a synthetic set folder: report zero-shot test figures")
     p.add_argument(
@@ -333,6 +378,8 @@ def main(argv=None) -> dict:
         return add_evaluations(a.out, a.eval_data_root, a.gap_ids)
     if not 0.0 <= a.name_prob <= 1.0:
         raise SystemExit(f"--name_prob {a.name_prob} is not a probability: give a value in [0, 1] (the shipped: 0.7).")
+    if a.mlm < 0 or not 0.0 < a.mlm_rate <= 1.0:
+        raise SystemExit(f"--mlm {a.mlm} must be >= 0 and --mlm_rate {a.mlm_rate} in (0, 1].")
     t0 = time.time()
     tmp_tok = a.out.rstrip("/") + ".tokenizer.tmp"
     shutil.rmtree(tmp_tok, ignore_errors=True)
@@ -355,13 +402,25 @@ def main(argv=None) -> dict:
     else:
         params = jax.jit(model.init)(jax.random.key(a.seed), *dummy)["params"]
         params = dict(params, logit_scale=jnp.asarray(np.log(1 / 0.07), jnp.float32))
+    head = None
+    if a.mlm > 0:  # its parameters train beside the CLIP's and are not saved (IRRA's head, `uit_lib.MLMHead`)
+        head = uit_lib.MLMHead(
+            vocab_size=config.vocab_size, width=config.embed_dim, heads=max(1, config.embed_dim // 64),
+            layers=a.mlm_layers,
+        )  # fmt: skip
+        n_tok = 1 + config.grid[0] * config.grid[1]
+        dummy_head = (jnp.zeros((1, a.text_len, config.embed_dim)), jnp.zeros((1, n_tok, config.embed_dim)))
+        head_params = jax.jit(head.init)(jax.random.key(a.seed + 1), *dummy_head)["params"]
+        params = dict(clip=params, mlm=head_params)
+        maskable, mask_id = maskable_ids(tokenizer), text_lib.mask_token_id(tokenizer)
+        mrng = np.random.default_rng([a.seed, 7])  # its own stream: the batches are those of the same run without
     sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup, a.steps, end_value=a.lr * 0.01)
     decay_mask = jax.tree_util.tree_map_with_path(
         lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params
     )
     tx = optax.adamw(sched, b1=0.9, b2=0.98, eps=1e-6, weight_decay=a.weight_decay, mask=decay_mask)
     opt_state = tx.init(params)
-    step = make_step(model, tx)
+    step = make_step(model, tx, head, a.mlm)
     rng = np.random.default_rng(a.seed)
     if a.hard > 0 and a.batch > a.ids:
         raise SystemExit(f"--hard needs --batch ({a.batch}) <= --ids ({a.ids}): one view per identity in a batch.")
@@ -375,12 +434,19 @@ def main(argv=None) -> dict:
             idx = rng.choice(len(images), a.batch, replace=False)
         cap = rng.integers(a.captions, size=a.batch)
         pos = consistent(codes[idx // a.views], named[idx, cap]) if a.consistent else None
-        params, opt_state, loss = step(params, opt_state, augment_batch(images[idx], rng), texts[idx, cap], pos)
+        ids = texts[idx, cap]
+        extra = dict(zip(("mlm_ids", "mlm_labels"), mlm_mask(ids, mrng, a.mlm_rate, maskable, mask_id))) if head else {}
+        params, opt_state, parts = step(params, opt_state, augment_batch(images[idx], rng), ids, pos, **extra)
         if (i + 1) % a.log_every == 0 or i + 1 == a.steps:
             rate = (i + 1) * a.batch / (time.time() - t_train)
-            scale = float(jnp.exp(params["logit_scale"]))
-            curve.append(dict(step=i + 1, loss=round(float(loss), 4), logit_scale=round(scale, 2)))
-            print(f"step {i + 1}/{a.steps} itc {float(loss):.3f} logit scale {scale:.1f} ({rate:.0f} pairs/s)")
+            scale = float(jnp.exp((params["clip"] if head else params)["logit_scale"]))
+            row = dict(step=i + 1, loss=round(float(parts["itc"]), 4), logit_scale=round(scale, 2))
+            row.update({k: round(float(v), 4) for k, v in parts.items() if k != "itc"})
+            curve.append(row)
+            losses_text = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items())
+            print(f"step {i + 1}/{a.steps} {losses_text} logit scale {scale:.1f} ({rate:.0f} pairs/s)")
+    if head is not None:
+        params = params["clip"]
 
     os.makedirs(a.out, exist_ok=True)
     convert.save_hf_folder(a.out, jax.device_get(params), config, bos_token_id=tok_lib.sot_id(tokenizer))

@@ -6,7 +6,9 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
@@ -15,8 +17,9 @@ from tests.models import random_clip_params
 from tools import pretrain_clip
 from uit_jax import losses
 from uit_jax.data import synthetic as synth
+from uit_jax.data import text as text_lib
 from uit_jax.data import tokenizer as tk
-from uit_jax.models import clip, convert
+from uit_jax.models import clip, convert, uit
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "uit_jax", "assets")
 SHIPPED = os.path.join(SHIPPED, "clip-mini-synthetic")
@@ -104,9 +107,13 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     more = pretrain_clip.main(
         ["--out", str(tmp_path / "more"), "--init", out, "--hard", "0.5", "--max_diff", "14", "--preset", "tiny",
          "--size", "32", "--text_len", "24", "--ids", "6", "--steps", "2", "--warmup", "1", "--batch", "4",
-         "--log_every", "1", "--consistent"]
+         "--log_every", "1", "--consistent", "--mlm", "1", "--mlm_layers", "1"]
     )  # fmt: skip
     assert more["args"]["init"] == out and np.isfinite(more["curve"][-1]["loss"])
+    assert np.isfinite(more["curve"][-1]["mlm"]) and 0 <= more["curve"][-1]["mlm_acc"] <= 1
+    # The MLM head trains beside the CLIP and is not saved: the folder holds exactly the CLIP's tensors.
+    keys = lambda d: set(safetensors.numpy.load_file(os.path.join(d, "model.safetensors")))
+    assert keys(tmp_path / "more") == keys(out)
     saved = json.load(open(tmp_path / "more" / "pretrain.json"))
     assert saved["init_record"]["args"]["ids"] == 6 and saved["init_record"]["curve"] == record["curve"]
 
@@ -195,3 +202,48 @@ def test_multi_positive_itc_against_numpy():
     i2t = -np.log((p * pos).sum(0) / p.sum(0))
     got = float(pretrain_clip.multi_positive_itc(zi, zt, 10.0, pos))
     assert abs(got - 0.5 * (t2i.mean() + i2t.mean())) <= tol and abs(got - float(losses.itc(zi, zt, 10.0))) > 0.05
+
+
+def test_mlm_masks_words_not_articles():
+    """`mlm_mask` hides maskable words only, at the asked rate, each hidden word a target; every caption gets one."""
+    tok = tk.load_tokenizer(SHIPPED)
+    maskable = pretrain_clip.maskable_ids(tok)
+    mask_id = text_lib.mask_token_id(tok)
+    never = tok(["a an ,"], add_special_tokens=False)["input_ids"][0] + [0, mask_id, tk.sot_id(tok), tk.eot_id(tok)]
+    words = tok(["lady long brown hair black boots"], add_special_tokens=False)["input_ids"][0]
+    assert not maskable[never].any() and maskable[words].all()
+    _, ids, _ = pretrain_clip.make_corpus(200, 1, 2, 32, 3, tok, 56)
+    ids = ids.reshape(-1, 56)
+    masked, labels = pretrain_clip.mlm_mask(ids, np.random.default_rng(0), 0.3, maskable, mask_id)
+    hidden = masked != ids
+    np.testing.assert_array_equal(hidden, labels > 0)
+    np.testing.assert_array_equal(labels[hidden], ids[hidden])
+    assert (masked[hidden] == mask_id).all() and maskable[ids[hidden]].all() and hidden.any(1).all()
+    n = maskable[ids].sum()  # the forced one per caption adds at most one per row
+    assert abs(hidden.sum() - 0.3 * n) <= 5 * np.sqrt(n * 0.3 * 0.7) + len(ids) * 0.7**3
+    every, _ = pretrain_clip.mlm_mask(ids, np.random.default_rng(1), 1.0, maskable, mask_id)
+    np.testing.assert_array_equal(every == mask_id, maskable[ids])
+
+
+def test_mlm_objective_reads_the_image():
+    """With an MLM head the step's ITC is the plain one, and its masked-word loss depends on the image."""
+    cfg = clip.config_from_preset("tiny", vocab_size=50, image_size=(32, 32), text_len=12, eot_token_id=49)
+    model = clip.CLIP(cfg)
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((4, 32, 32, 3)).astype(np.float32) for _ in range(2)]
+    ids = rng.integers(1, 48, (4, 12)).astype(np.int32)
+    ids[:, -1] = 49
+    params = model.init(jax.random.key(0), images[0], ids)["params"]
+    params = dict(params, logit_scale=jax.numpy.asarray(2.0))
+    head = uit.MLMHead(vocab_size=50, width=cfg.embed_dim, heads=1, layers=1)
+    n_tok = 1 + cfg.grid[0] * cfg.grid[1]
+    head_params = head.init(jax.random.key(1), np.zeros((1, 12, cfg.embed_dim)), np.zeros((1, n_tok, cfg.embed_dim)))
+    both = dict(clip=params, mlm=head_params["params"])
+    mlm_ids, labels = pretrain_clip.mlm_mask(ids, rng, 0.5, np.arange(50) < 48, 48)
+    tx = optax.sgd(0.0)
+    plain = pretrain_clip.make_step(model, tx)(params, tx.init(params), images[0], ids)[2]
+    step = pretrain_clip.make_step(model, tx, head, 0.5)
+    a, b = (step(both, tx.init(both), im, ids, None, mlm_ids, labels)[2] for im in images)
+    # the same float32 ops in two programs, fused differently: equal to some tens of ulps of the loss
+    assert abs(float(a["itc"]) - float(plain["itc"])) <= 100 * numerics.F32_EPS * max(1.0, abs(float(plain["itc"])))
+    assert abs(float(a["mlm"]) - float(b["mlm"])) > 1e-4  # another image, another prediction of the hidden words
