@@ -4,11 +4,12 @@ Run (generates the synthetic set on first use, then fine-tunes, validates, tests
   python -m uit_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
 
 As the paper: CLIP weights loaded from a Hugging Face folder (`uit_jax/assets/clip-mini-synthetic`, pre-trained
-contrastively by `tools/pretrain_clip.py` on a corpus of other identities, street scenes and generic captions),
-then SDM at temperature 0.02 + ID + the triplet from step 0 + text-guided restoration (weight 10), SEN's lr groups
-(x5 for the new modules, x2 / no decay for biases), random erasing, SEN's caption masking and the key-word filter.
-Batch 128 as the paper. Only the learning rate, the number of epochs and Adam's eps (1e-8: our weights are float32,
-not fp16) change for a 2.5M-parameter model on 2 cores (see `_fine_tune`).
+by `tools/pretrain_clip.py` on a corpus of other identities, street scenes and generic captions: contrastively,
+then with masked words predicted from the image), then SDM at temperature 0.02 + ID + the triplet from step 0 +
+text-guided restoration (weight 10), SEN's lr groups (x5 for the new modules, x2 / no decay for biases), random
+erasing, SEN's caption masking and the key-word filter. Batch 128 as the paper. Only the learning rate, the number
+of epochs and Adam's eps (1e-8: our weights are float32, not fp16) change for a 2.5M-parameter model on 2 cores
+(see `_fine_tune`).
 
 Variants (`--config=configs/synthetic.py:VARIANT`), used for the ablation in the README:
   full (default) | no_restoration | no_triplet | no_text_aug
@@ -16,9 +17,9 @@ Variants (`--config=configs/synthetic.py:VARIANT`), used for the ablation in the
            `_scratch` and get_config)
   tiny: a seconds-long from-scratch smoke run, for tests
 
-Expected figures (README, "Synthetic results", with the commands): test R1 62.53 ± 1.01 over three seeds (mAP
-65.18, mINP 56.61), about 8m15s on 2 CPU cores with the set built, 44 s more to generate it. Zero-shot: R1 51.67. From
-scratch (`:scratch`): R1 38.17 ± 4.42 over three seeds, about 8 minutes with the set built.
+Expected figures (README, "Synthetic results", with the commands): test R1 65.36 ± 1.09 over three seeds (mAP
+67.53, mINP 59.01), about 8 minutes on 2 CPU cores with the set built, 44 s more to generate it. Zero-shot: R1
+41.00. From scratch (`:scratch`): R1 38.17 ± 4.42 over three seeds, about 8 minutes with the set built.
 """
 
 import os

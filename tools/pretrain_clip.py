@@ -8,11 +8,17 @@ canvas (CLIP is pre-trained on square images, so fine-tuning at 128x64 resizes t
 it does for OpenAI's weights), and its captions are generic alt-text-style lists of some of the attributes
 ("a woman, long brown hair, a red coat, black boots") instead of the annotator-style sentences of the dataset.
 
+`--mlm W` adds IRRA's masked-word objective (caption words hidden, predicted by a head whose masked tokens
+cross-attend to the image's tokens; the head is not saved). The shipped model is stage 1 (ITC) continued by a
+stage with `--mlm 1` (the README's "The pre-trained mini CLIP" gives both commands).
+
 The result is written as a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer files), which
 `uit_jax.models.convert.load` and transformers' `CLIPModel.from_pretrained` both read, plus `pretrain.json`
 (command, seed, corpus, curve) and, with --eval_data_root, the zero-shot figures on the synthetic test split.
 
-    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic \
+    python tools/pretrain_clip.py --out /tmp/stage1 --ids 40000 --steps 3000 --warmup 100
+    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage1 --corpus_seed 2 \
+        --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1 \
         --eval_data_root ~/uit_data/synthetic_pedes/t1000_v300_e300_i4_128x64_s0_crop
 """
 
