@@ -77,6 +77,8 @@ def test_generic_captions_and_square_views():
     assert all(f"{ident.hair_color} hair" in c and ident.lower_color in c for c in every)
     with pytest.raises(SystemExit, match="--name_prob 1.5 is not a probability"):
         pretrain_clip.main(["--out", "unused", "--name_prob", "1.5"])  # refused before any work
+    with pytest.raises(SystemExit, match="--mlm_rate 0.0 in"):
+        pretrain_clip.main(["--out", "unused", "--mlm", "1", "--mlm_rate", "0"])
     view = pretrain_clip.square_view(ident, rng, 64)
     assert view.shape == (64, 64, 3) and view.dtype == np.uint8
 
