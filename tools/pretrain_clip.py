@@ -378,6 +378,58 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def _initial_params(a, model):
+    """The CLIP's parameters: loaded from --init (its position grid resized to the square size), or a random init
+    with CLIP's initial temperature 0.07."""
+    if a.init:
+        _, params = convert.load(a.init, image_size=(a.size, a.size))
+        return jax.tree.map(jnp.asarray, params)
+    dummy = (jnp.zeros((1, a.size, a.size, 3)), jnp.zeros((1, a.text_len), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(a.seed), *dummy)["params"]
+    return dict(params, logit_scale=jnp.asarray(np.log(1 / 0.07), jnp.float32))
+
+
+def _mlm_head(a, config):
+    """IRRA's MLM head (`uit_lib.MLMHead`) for --mlm, and its initial parameters."""
+    head = uit_lib.MLMHead(
+        vocab_size=config.vocab_size, width=config.embed_dim, heads=max(1, config.embed_dim // 64), layers=a.mlm_layers
+    )
+    n_tok = 1 + config.grid[0] * config.grid[1]
+    dummy = (jnp.zeros((1, a.text_len, config.embed_dim)), jnp.zeros((1, n_tok, config.embed_dim)))
+    return head, jax.jit(head.init)(jax.random.key(a.seed + 1), *dummy)["params"]
+
+
+def _log_row(a, step: int, clip_params, parts: dict, t_train: float) -> dict:
+    """Prints one progress line and returns the curve's row (`loss` is the ITC; `mlm`, `mlm_acc` with --mlm)."""
+    rate = step * a.batch / (time.time() - t_train)
+    scale = float(jnp.exp(clip_params["logit_scale"]))
+    row = dict(step=step, loss=round(float(parts["itc"]), 4), logit_scale=round(scale, 2))
+    row.update({k: round(float(v), 4) for k, v in parts.items() if k != "itc"})
+    losses_text = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items())
+    print(f"step {step}/{a.steps} {losses_text} logit scale {scale:.1f} ({rate:.0f} pairs/s)")
+    return row
+
+
+def _write_record(a, argv, n_images: int, curve: list, t0: float) -> dict:
+    """OUT/pretrain.json: the command, arguments, corpus, time and curve (and --init's own record)."""
+    record = dict(
+        command="python tools/pretrain_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        args=vars(a),
+        corpus=dict(
+            images=n_images, identities=a.ids, scene="street on a square canvas", captions="generic, with synonyms"
+        ),
+        minutes=round((time.time() - t0) / 60, 1),
+        curve=curve,
+    )
+    if a.init:  # a continued model records the stage it started from, so its whole recipe can be rebuilt
+        parent = os.path.join(a.init, "pretrain.json")
+        record["init_record"] = json.load(open(parent)) if os.path.isfile(parent) else None
+    with open(os.path.join(a.out, "pretrain.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"saved {a.out} in {record['minutes']} min")
+    return record
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     if a.eval_only:
@@ -403,22 +455,10 @@ def main(argv=None) -> dict:
     print(f"corpus: {len(images)} images of {a.ids} identities, {a.size}x{a.size}, in {time.time() - t0:.0f}s")
 
     model = clip_lib.CLIP(config)
-    dummy = (jnp.zeros((1, a.size, a.size, 3)), jnp.zeros((1, a.text_len), jnp.int32))
-    if a.init:
-        _, params = convert.load(a.init, image_size=(a.size, a.size))
-        params = jax.tree.map(jnp.asarray, params)
-    else:
-        params = jax.jit(model.init)(jax.random.key(a.seed), *dummy)["params"]
-        params = dict(params, logit_scale=jnp.asarray(np.log(1 / 0.07), jnp.float32))
+    params = _initial_params(a, model)
     head = None
-    if a.mlm > 0:  # its parameters train beside the CLIP's and are not saved (IRRA's head, `uit_lib.MLMHead`)
-        head = uit_lib.MLMHead(
-            vocab_size=config.vocab_size, width=config.embed_dim, heads=max(1, config.embed_dim // 64),
-            layers=a.mlm_layers,
-        )  # fmt: skip
-        n_tok = 1 + config.grid[0] * config.grid[1]
-        dummy_head = (jnp.zeros((1, a.text_len, config.embed_dim)), jnp.zeros((1, n_tok, config.embed_dim)))
-        head_params = jax.jit(head.init)(jax.random.key(a.seed + 1), *dummy_head)["params"]
+    if a.mlm > 0:  # its parameters train beside the CLIP's and are not saved
+        head, head_params = _mlm_head(a, config)
         params = dict(clip=params, mlm=head_params)
         maskable, mask_id = maskable_ids(tokenizer), text_lib.mask_token_id(tokenizer)
         mrng = np.random.default_rng([a.seed, 7])  # its own stream: the batches stay those of a run without --mlm
@@ -446,35 +486,13 @@ def main(argv=None) -> dict:
         extra = dict(zip(("mlm_ids", "mlm_labels"), mlm_mask(ids, mrng, a.mlm_rate, maskable, mask_id))) if head else {}
         params, opt_state, parts = step(params, opt_state, augment_batch(images[idx], rng), ids, pos, **extra)
         if (i + 1) % a.log_every == 0 or i + 1 == a.steps:
-            rate = (i + 1) * a.batch / (time.time() - t_train)
-            scale = float(jnp.exp((params["clip"] if head else params)["logit_scale"]))
-            row = dict(step=i + 1, loss=round(float(parts["itc"]), 4), logit_scale=round(scale, 2))
-            row.update({k: round(float(v), 4) for k, v in parts.items() if k != "itc"})
-            curve.append(row)
-            losses_text = " ".join(f"{k} {float(v):.3f}" for k, v in parts.items())
-            print(f"step {i + 1}/{a.steps} {losses_text} logit scale {scale:.1f} ({rate:.0f} pairs/s)")
-    if head is not None:
-        params = params["clip"]
-
+            curve.append(_log_row(a, i + 1, params["clip"] if head else params, parts, t_train))
+    params = params["clip"] if head else params
     os.makedirs(a.out, exist_ok=True)
     convert.save_hf_folder(a.out, jax.device_get(params), config, bos_token_id=tok_lib.sot_id(tokenizer))
     tokenizer.save_pretrained(a.out)
     shutil.rmtree(tmp_tok, ignore_errors=True)
-    record = dict(
-        command="python tools/pretrain_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        args=vars(a),
-        corpus=dict(
-            images=len(images), identities=a.ids, scene="street on a square canvas", captions="generic, with synonyms"
-        ),
-        minutes=round((time.time() - t0) / 60, 1),
-        curve=curve,
-    )
-    if a.init:  # a continued model records the stage it started from, so its whole recipe can be rebuilt
-        parent = os.path.join(a.init, "pretrain.json")
-        record["init_record"] = json.load(open(parent)) if os.path.isfile(parent) else None
-    with open(os.path.join(a.out, "pretrain.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"saved {a.out} in {record['minutes']} min")
+    record = _write_record(a, argv, len(images), curve, t0)
     if a.eval_data_root or a.gap_ids:
         return add_evaluations(a.out, a.eval_data_root, a.gap_ids)
     return record
