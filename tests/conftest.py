@@ -1,13 +1,26 @@
 """Shared test setup: 8 simulated CPU devices, set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("UIT_JAX_CACHE", "")  # hermetic: no persistent compilation cache (tests/test_train.py tests it)
+# One persistent compilation cache for the session, in a fresh folder that is removed at exit, so still hermetic:
+# many tests train the same tiny model, in this process and in the subprocesses they start, and the second
+# compile of the same program becomes a load (keyed by the program, so a cache hit runs the very same code).
+# UIT_JAX_CACHE='' before pytest turns it off; tests/test_train.py tests the cache itself.
+if "UIT_JAX_CACHE" not in os.environ:
+    os.environ["UIT_JAX_CACHE"] = tempfile.mkdtemp(prefix="uit_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["UIT_JAX_CACHE"], ignore_errors=True)
+
+from uit_jax import compile_cache  # noqa: E402  (after the environment above; imports jax)
+
+compile_cache.enable()
 
 
 # ----------------------------------------------------------------------------- slow tests: additive

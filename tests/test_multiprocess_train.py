@@ -1,13 +1,10 @@
 """Two processes on loopback (jax.distributed, 2 CPU devices each) train like one process with 4 devices."""
 
-import atexit
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 import jax
 
@@ -40,17 +37,11 @@ def _cmd(root, workdir, extra=()):
     ]  # fmt: skip
 
 
-# One persistent compilation cache for the runs these tests start (a fresh folder per session, so still hermetic):
-# the crash tests restart the same tiny run again and again, and each restart would otherwise compile it anew.
-_CACHE = tempfile.mkdtemp(prefix="uit_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-
-
 def _env(n_devices):
+    # UIT_JAX_CACHE is the session's fresh compilation cache (tests/conftest.py): the crash tests restart the same
+    # tiny run again and again, and each restart would otherwise compile it anew.
     env = dict(os.environ)
-    env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu", UIT_JAX_CACHE=_CACHE
-    )
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}", JAX_PLATFORMS="cpu")
     return env
 
 
