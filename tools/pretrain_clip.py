@@ -427,7 +427,10 @@ def _write_record(a, argv, n_images: int, curve: list, t0: float) -> dict:
     )
     if a.init:  # a continued model records the stage it started from, so its whole recipe can be rebuilt
         parent = os.path.join(a.init, "pretrain.json")
-        record["init_record"] = json.load(open(parent)) if os.path.isfile(parent) else None
+        record["init_record"] = None
+        if os.path.isfile(parent):
+            with open(parent) as f:
+                record["init_record"] = json.load(f)
     with open(os.path.join(a.out, "pretrain.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"saved {a.out} in {record['minutes']} min")
