@@ -301,7 +301,18 @@ def zero_shot(model_dir: str, data_root: str, split: str = "test", image_size=(1
     return _rounded(metrics.retrieval_metrics(z_txt @ z_img.T, q_pid, np.array([a["id"] for a in annos])))
 
 
-UNSEEN_SEED = 7  # identities no pre-training corpus has used (the shipped one: seed 1; the dataset draws its own)
+# Identities no pre-training corpus uses: the stages use corpus seeds 1, 2, 3, ... (the dataset draws its own, seed 0).
+# It was 7, the next stage's seed; `corpus_gap` refuses a model any of whose stages used it.
+UNSEEN_SEED = 1000
+
+
+def _stage_seeds(record: dict) -> list:
+    """The corpus seeds of a pretrain.json record and of every stage it continued (nested `init_record`s)."""
+    seeds = []
+    while record:
+        seeds.append(record["args"]["corpus_seed"])
+        record = record.get("init_record")
+    return seeds
 
 
 def corpus_gap(model_dir: str, ids: int) -> dict:
@@ -311,8 +322,14 @@ def corpus_gap(model_dir: str, ids: int) -> dict:
 
     A model that memorises its corpus scores much higher on the seen ones: the first shipped model (6,000
     identities) scored R1 41.6 seen against 26.1 unseen at 600 identities."""
-    record = json.load(open(os.path.join(model_dir, "pretrain.json")))
+    with open(os.path.join(model_dir, "pretrain.json")) as f:
+        record = json.load(f)
     args = record["args"]
+    if UNSEEN_SEED in _stage_seeds(record):
+        raise SystemExit(
+            f"{model_dir}/pretrain.json: a stage of this model trained on corpus seed {UNSEEN_SEED}, the seed the "
+            "memorisation check uses as unseen; change UNSEEN_SEED in tools/pretrain_clip.py to a seed no stage used."
+        )
     model, params = convert.load(model_dir, image_size=(args["size"], args["size"]))
     tokenizer = tok_lib.load_tokenizer(model_dir)
     r = _retriever(model, params, tokenizer, (args["size"], args["size"]))
@@ -441,6 +458,10 @@ def main(argv=None) -> dict:
     a = parse(argv)
     if a.eval_only:
         return add_evaluations(a.out, a.eval_data_root, a.gap_ids)
+    if a.corpus_seed == UNSEEN_SEED:
+        raise SystemExit(
+            f"--corpus_seed {UNSEEN_SEED} is the memorisation check's unseen seed (--gap_ids): pick another seed."
+        )
     if not 0.0 <= a.name_prob <= 1.0:
         raise SystemExit(f"--name_prob {a.name_prob} is not a probability: give a value in [0, 1] (the shipped: 0.7).")
     if a.mlm < 0 or not 0.0 < a.mlm_rate <= 1.0:

@@ -79,6 +79,8 @@ def test_generic_captions_and_square_views():
         pretrain_clip.main(["--out", "unused", "--name_prob", "1.5"])  # refused before any work
     with pytest.raises(SystemExit, match="--mlm_rate 0.0 in"):
         pretrain_clip.main(["--out", "unused", "--mlm", "1", "--mlm_rate", "0"])
+    with pytest.raises(SystemExit, match=f"--corpus_seed {pretrain_clip.UNSEEN_SEED} is the memorisation check's"):
+        pretrain_clip.main(["--out", "unused", "--corpus_seed", str(pretrain_clip.UNSEEN_SEED)])
     view = pretrain_clip.square_view(ident, rng, 64)
     assert view.shape == (64, 64, 3) and view.dtype == np.uint8
 
@@ -118,6 +120,12 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     assert keys(tmp_path / "more") == keys(out)
     saved = json.load(open(tmp_path / "more" / "pretrain.json"))
     assert saved["init_record"]["args"]["ids"] == 6 and saved["init_record"]["curve"] == record["curve"]
+    # The memorisation check refuses a model whose earlier stage trained on its "unseen" seed.
+    saved["init_record"]["args"]["corpus_seed"] = pretrain_clip.UNSEEN_SEED
+    with open(tmp_path / "more" / "pretrain.json", "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(SystemExit, match=f"a stage of this model trained on corpus seed {pretrain_clip.UNSEEN_SEED}"):
+        pretrain_clip.main(["--out", str(tmp_path / "more"), "--eval_only", "--gap_ids", "3"])
 
 
 def test_attribute_neighbours_and_hard_batches():
