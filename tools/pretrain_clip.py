@@ -9,7 +9,7 @@ it does for OpenAI's weights), and its captions are generic alt-text-style lists
 ("a woman, long brown hair, a red coat, black boots") instead of the annotator-style sentences of the dataset.
 
 `--mlm W` adds IRRA's masked-word objective (caption words hidden, predicted by a head whose masked tokens
-cross-attend to the image's tokens; the head is not saved). The shipped model is stage 1 (ITC) continued by four
+cross-attend to the image's tokens; the head is not saved). The shipped model is stage 1 (ITC) continued by six
 stages with `--mlm 1`, each on new identities (the README's "The pre-trained mini CLIP" gives the commands).
 
 The result is written as a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer files), which
@@ -20,8 +20,8 @@ The result is written as a Hugging Face CLIP folder (config.json, model.safetens
     python tools/pretrain_clip.py --out /tmp/stage2 --init /tmp/stage1 --corpus_seed 2 \
         --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1
     python tools/pretrain_clip.py --out /tmp/stage3 --init /tmp/stage2 --corpus_seed 3 ...   # the same flags
-    python tools/pretrain_clip.py --out /tmp/stage4 --init /tmp/stage3 --corpus_seed 4 ...
-    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage4 --corpus_seed 5 \
+    python tools/pretrain_clip.py --out /tmp/stage4 --init /tmp/stage3 --corpus_seed 4 ...   # and 5, 6 likewise
+    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage6 --corpus_seed 7 \
         --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1 \
         --eval_data_root ~/uit_data/synthetic_pedes/t1000_v300_e300_i4_128x64_s0_crop
 """
@@ -302,7 +302,7 @@ def zero_shot(model_dir: str, data_root: str, split: str = "test", image_size=(1
 
 
 # Identities no pre-training corpus uses: the stages use corpus seeds 1, 2, 3, ... (the dataset draws its own, seed 0).
-# It was 7, the next stage's seed; `corpus_gap` refuses a model any of whose stages used it.
+# It was 7 until stage 7 trained on seed 7; `corpus_gap` refuses a model any of whose stages used it.
 UNSEEN_SEED = 1000
 
 
@@ -466,7 +466,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--name_prob {a.name_prob} is not a probability: give a value in [0, 1] (the shipped: 0.7).")
     if a.mlm < 0 or not 0.0 < a.mlm_rate <= 1.0:
         raise SystemExit(
-            f"--mlm {a.mlm} must be >= 0 and --mlm_rate {a.mlm_rate} in (0, 1] (shipped stages 2-5: --mlm 1, rate 0.3)."
+            f"--mlm {a.mlm} must be >= 0 and --mlm_rate {a.mlm_rate} in (0, 1] (shipped stages 2-7: --mlm 1, rate 0.3)."
         )
     t0 = time.time()
     tmp_tok = a.out.rstrip("/") + ".tokenizer.tmp"
