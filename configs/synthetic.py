@@ -17,9 +17,9 @@ Variants (`--config=configs/synthetic.py:VARIANT`), used for the ablation in the
            `_scratch` and get_config)
   tiny: a seconds-long from-scratch smoke run, for tests
 
-Expected figures (README, "Synthetic results", with the commands): test R1 78.26 ± 0.34 over three seeds (mAP
-79.74, mINP 73.94), about 8 minutes on 2 CPU cores with the set built, 44 s more to generate it. Zero-shot: R1
-33.88. From scratch (`:scratch`): R1 38.17 ± 4.42 over three seeds, about 8 minutes with the set built.
+Expected figures (README, "Synthetic results", with the commands): test R1 82.46 ± 0.19 over three seeds (mAP
+83.24, mINP 77.93), about 7 minutes on 2 CPU cores with the set built, 44 s more to generate it. Zero-shot: R1
+35.88. From scratch (`:scratch`): R1 38.17 ± 4.42 over three seeds, about 8 minutes with the set built.
 """
 
 import os

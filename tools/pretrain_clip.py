@@ -9,7 +9,7 @@ it does for OpenAI's weights), and its captions are generic alt-text-style lists
 ("a woman, long brown hair, a red coat, black boots") instead of the annotator-style sentences of the dataset.
 
 `--mlm W` adds IRRA's masked-word objective (caption words hidden, predicted by a head whose masked tokens
-cross-attend to the image's tokens; the head is not saved). The shipped model is stage 1 (ITC) continued by six
+cross-attend to the image's tokens; the head is not saved). The shipped model is stage 1 (ITC) continued by eight
 stages with `--mlm 1`, each on new identities (the README's "The pre-trained mini CLIP" gives the commands).
 
 The result is written as a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer files), which
@@ -20,8 +20,8 @@ The result is written as a Hugging Face CLIP folder (config.json, model.safetens
     python tools/pretrain_clip.py --out /tmp/stage2 --init /tmp/stage1 --corpus_seed 2 \
         --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1
     python tools/pretrain_clip.py --out /tmp/stage3 --init /tmp/stage2 --corpus_seed 3 ...   # the same flags
-    python tools/pretrain_clip.py --out /tmp/stage4 --init /tmp/stage3 --corpus_seed 4 ...   # and 5, 6 likewise
-    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage6 --corpus_seed 7 \
+    python tools/pretrain_clip.py --out /tmp/stage4 --init /tmp/stage3 --corpus_seed 4 ...   # and 5-8 likewise
+    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage8 --corpus_seed 9 \
         --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1 \
         --eval_data_root ~/uit_data/synthetic_pedes/t1000_v300_e300_i4_128x64_s0_crop
 """
@@ -466,7 +466,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--name_prob {a.name_prob} is not a probability: give a value in [0, 1] (the shipped: 0.7).")
     if a.mlm < 0 or not 0.0 < a.mlm_rate <= 1.0:
         raise SystemExit(
-            f"--mlm {a.mlm} must be >= 0 and --mlm_rate {a.mlm_rate} in (0, 1] (shipped stages 2-7: --mlm 1, rate 0.3)."
+            f"--mlm {a.mlm} must be >= 0 and --mlm_rate {a.mlm_rate} in (0, 1] (shipped stages 2-9: --mlm 1, rate 0.3)."
         )
     t0 = time.time()
     tmp_tok = a.out.rstrip("/") + ".tokenizer.tmp"
