@@ -203,6 +203,11 @@ def test_random_init_matches_loaded_shapes(native):
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(fresh))
     emb = fresh["text_model"]["embeddings"]["token_embedding"]["embedding"]
     assert 0.015 < float(jnp.std(emb)) < 0.025  # normal(0.02), as OpenAI initialises token embeddings
+    # Vision position embeddings: normal(width^-0.5), as OpenAI's CLIP (README, "From scratch"). The sample std of n
+    # normal draws has a relative standard error of 1/sqrt(2n); six of them bound the check.
+    pos = np.asarray(fresh["vision_model"]["embeddings"]["position_embedding"]["embedding"])
+    target, rel_se = pos.shape[-1] ** -0.5, 1 / np.sqrt(2 * pos.size)
+    assert abs(pos.std() / target - 1) < 6 * rel_se, (pos.std(), target, pos.shape)
     # The from-scratch preset builds for 384x128 inputs.
     small = clip.CLIP(clip.config_from_preset("small", vocab_size=500))
     abstract = jax.eval_shape(lambda: random_clip_params(small, jax.random.key(0)))

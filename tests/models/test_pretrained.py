@@ -169,6 +169,7 @@ def test_synthetic_default_fine_tunes_the_shipped_model_with_the_paper_recipe():
     assert c.batch_size == paper.batch_size == 128 and c.optim.no_decay_rules == paper.optim.no_decay_rules
     scratch = synthetic.get_config("scratch")
     assert scratch.model_init == "" and scratch.model.preset == "mini" and scratch.model.temperature == 0.2
+    assert (scratch.data.crop_pad, scratch.data.keyword_prob, scratch.data.flip) == (0, 0.0, True)
 
 
 def test_named_parts_and_consistent_positives():
