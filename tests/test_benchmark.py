@@ -12,12 +12,12 @@ def test_benchmark_table_and_aot(tmp_path, capsys):
             *common,
             "--batch=8",
             "--steps=2",
-            "--table=full;attention=flash;align,remat=full,scan=1",
+            "--table=full;attention=flash;align,remat=full,scan=1;split=0",
             f"--out={tmp_path / 'b.json'}",
         ]
     )
     assert (tmp_path / "b.json").read_text().startswith("{")
-    full, failed, scanned = out["rows"]
+    full, failed, scanned, one = out["rows"]
     # A variant that fails gets its row and error; the others still run.
     assert failed["error"].startswith("ValueError: Unknown attention kernel 'flash'")
     assert "| attention=flash | failed: ValueError: Unknown attention kernel 'flash'" in out["table"]
@@ -34,6 +34,12 @@ def test_benchmark_table_and_aot(tmp_path, capsys):
     assert scanned["gflops_per_pair"] < full["gflops_per_pair"]  # no restoration pass
     assert "xla_over_analytic" not in scanned  # under scan XLA counts the loop body once
     assert "| align,remat=full,scan=1 |" in out["table"] and "| 1.00 |" in out["table"]
+    # The default step is two programs (gradient, update): memory is the larger of their peaks, the gradient's
+    # counting the optimiser state it does not take; --split=0 is the single program, with no per-program split.
+    assert full["split"] is True and one["split"] is False and "programs" not in one
+    grad, update = full["programs"]
+    assert full["total_mib"] >= max(grad["total_mib"], update["total_mib"]) and grad["temp_mib"] > 0
+    assert one["pairs_per_s"] > 0 and one["gflops_per_pair"] == full["gflops_per_pair"]
     # --aot compiles from abstract shapes: memory figures, no step run. At 8 pairs per device the activations
     # outweigh the tiny weights, so recomputing them (full remat, under scan: XLA:CPU's scheduler keeps the
     # recomputed activations of an unrolled program alive, README "Benchmarks") must need less temporary memory.

@@ -37,7 +37,7 @@ def _setup(batch=8, **model_kw):
     return cfg, model, params, batch_np
 
 
-def _run(mesh, n_steps=2, **model_kw):
+def _run(mesh, n_steps=2, split=False, **model_kw):
     cfg, model, params, batch_np = _setup(**model_kw)
     # Plain SGD: Adam would turn float rounding in near-zero gradients into lr-sized differences.
     tx = optax.sgd(0.5)
@@ -45,14 +45,17 @@ def _run(mesh, n_steps=2, **model_kw):
     state = steps.init_state(params, tx)
     specs = sharding.param_partition_specs(state, ((".*", "fsdp"),), mesh)
     state_sh = sharding.shardings_for(specs, mesh)
-    step = steps.jit_train_step(loss_fn, tx, None, state_sh, mesh)  # the trainer's jit: shardings, donation
+    # The trainer's jit: shardings, donation.
+    step = steps.jit_train_step(loss_fn, tx, None, state_sh, mesh, split=split)
     state = jax.device_put(state, state_sh)
     batch = sharding.host_batch_to_global(batch_np, mesh)
     losses = []
     with jax.set_mesh(mesh):
         for _ in range(n_steps):
+            before = state
             state, m = step(state, batch, jax.random.key(7))
             losses.append(float(m["loss"]))
+            assert all(x.is_deleted() for x in jax.tree.leaves(before["params"]))  # donated
     return losses, jax.device_get(state["params"]), m
 
 
@@ -95,6 +98,22 @@ def test_fsdp_mesh_matches_data_mesh():
     print(f"data vs data x fsdp mesh: {rel:.3g} of the move {moved:.3g}")
 
 
+def test_split_step_matches_one_program():
+    """The trainer's default, gradient and update as two programs (`SplitTrainStep`), on the FSDP mesh: the same
+    loss, update and metrics as the single program."""
+    fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})
+    l_d, p_d, m_d = _one_step_on_data_mesh()
+    l_s, p_s, m_s = _run(fsdp, n_steps=1, split=True)
+    np.testing.assert_allclose(l_d, l_s, rtol=RTOL)
+    _, _, params0, _ = _setup()
+    rel, moved = numerics.assert_updates_close(p_d, p_s, params0, RTOL)
+    assert moved > 0.1, moved
+    assert set(m_s) == set(m_d)
+    for k in m_d:  # losses, gradient and parameter norms (sums of squares over every parameter), counters
+        np.testing.assert_allclose(float(m_s[k]), float(m_d[k]), rtol=RTOL, err_msg=k)
+    print(f"one program on data vs split on data x fsdp: {rel:.3g} of the move {moved:.3g}")
+
+
 def test_scan_and_remat_under_fsdp_match_the_loop():
     """The ViT-L/14 setting (layers under scan, full remat) on a sharded mesh: the same step as the plain loop."""
     fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})
@@ -122,12 +141,16 @@ def test_weight_zero_skips_objective():
         steps.make_loss_fn(model, dict(sdmm=1.0), logit_scale=50.0, patch_size=cfg.patch_size)
 
 
-def test_nonfinite_update_is_skipped_and_counted():
+@pytest.mark.parametrize("split", [False, True])
+def test_nonfinite_update_is_skipped_and_counted(split):
     cfg, model, params, batch_np = _setup()
     tx = optax.sgd(0.1)
     loss_fn = steps.make_loss_fn(model, dict(sdm=1.0, restoration=1.0), logit_scale=50.0, patch_size=cfg.patch_size)
-    step = jax.jit(steps.make_train_step(loss_fn, tx))
     state = steps.init_state(params, tx)
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    state_sh = sharding.shardings_for(sharding.param_partition_specs(state, ((".*", "fsdp"),), mesh), mesh)
+    jitted = steps.jit_train_step(loss_fn, tx, None, state_sh, mesh, split=split)
+    step = lambda st, b, r: jitted(jax.tree.map(jnp.copy, st), b, r)  # the tests keep the states it donates
     bad = dict(batch_np, images=np.full_like(batch_np["images"], np.nan))
     s1, m1 = step(state, bad, jax.random.key(0))
     assert int(m1["skipped"]) == 1 and int(s1["nonfinite_run"]) == 1 and int(s1["step"]) == 1

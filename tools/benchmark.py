@@ -16,7 +16,7 @@ Two more modes:
   --table=VARIANTS  one process, one row per variant, a markdown table with ratios to the first row, e.g.
                     --table='full;align;remat=full;batch=256' (a variant is ';'-separated, its settings
                     ','-separated key=value overriding the command line: objectives, batch, remat, scan, dtype,
-                    text_len, preset, image_size, fsdp, attention). 'full' and 'align' are objectives. A variant
+                    text_len, preset, image_size, fsdp, attention, split). 'full' and 'align' are objectives. A variant
                     that fails (a kernel the device lacks, out of memory) gets a 'failed' row; the others run.
   --aot             compile only, from abstract shapes (no weights, nothing run), and print XLA's memory analysis
                     of the step: arguments, outputs, temporaries, and the total a device must hold. With
@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", type=int, default=1, help="size of the fsdp mesh axis")
     p.add_argument("--scan", type=int, default=0, help="1: layers under jax.lax.scan; 0: a loop (the default config)")
     p.add_argument("--remat", default="none", help="per-layer rematerialisation: none|full|dots")
+    p.add_argument(
+        "--split", type=int, default=1, help="1: gradient and update as two programs (the trainer's default); 0: one"
+    )
     p.add_argument("--attention", default="xla", help="attention kernel: xla|cudnn (cuDNN flash attention, GPU, bf16)")
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
     p.add_argument("--table", default="", help="';'-separated variants, one table row each (see the docstring)")
@@ -125,7 +128,7 @@ def build(args):
         state = jax.block_until_ready(jax.jit(lambda r: steps.init_state(init(r), tx), out_shardings=state_sh)(rng))
         init_s = time.perf_counter() - t0
     loss_fn = steps.make_loss_fn(model, weights, logit_scale=50.0, patch_size=cfg.patch_size)
-    step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
+    step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=bool(args.split))
     analytic = flops.train_step(
         cfg, args.batch, num_classes=args.num_classes, restoration=weights["restoration"] > 0, triplet=True
     )
@@ -167,18 +170,25 @@ def random_batch(args, cfg, size, mesh):
 
 
 def time_steps(step_fn, state, batch, mesh, n_steps):
-    """Compiles (timed, with XLA's cost and memory analysis), runs 2 warm-up steps, then times `n_steps`."""
+    """Compiles (timed, with XLA's cost and memory analysis), runs 2 warm-up steps, then times `n_steps`.
+
+    A split step (`--split=1`) is two programs: compile time and XLA's FLOPs are their sums, memory the peak of
+    the two (see `_split_memory`)."""
     import jax
 
     rng = jax.random.key(0)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch, rng).compile()
+        lowered = step_fn.lower(state, batch, rng)
+        compiled = [x.compile() for x in lowered] if isinstance(lowered, list) else [lowered.compile()]
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) if cost else 0.0
-        mem = compiled.memory_analysis()
+        flops = 0.0
+        for c in compiled:
+            cost = c.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops += float(cost.get("flops", 0.0)) if cost else 0.0
+        mems = [c.memory_analysis() for c in compiled]
+        mem = _memory(mems[0]) if len(mems) == 1 else _split_memory(mems, state)
         if n_steps == 0:  # --aot: nothing to run
             return dict(compile_s=compile_s, flops=flops, mem=mem, times=[], loss=None)
         for _ in range(2):
@@ -208,6 +218,27 @@ def _memory(mem) -> dict:
     )
 
 
+def _split_memory(mems, state) -> dict:
+    """The peak of a split step: while the gradient program runs, the optimiser state (not its argument) is held
+    too; the update program's arguments are the whole state and the gradients. `args_mib` and `temp_mib` are those
+    of the program that sets the peak (args_mib counting the state it does not take as an argument)."""
+    import jax
+    import numpy as np
+
+    if any(m is None for m in mems):
+        return {}
+    grad, update = (_memory(m) for m in mems)
+    shard = lambda x: x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    held = sum(int(np.prod(shard(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state["opt_state"]))
+    held = round(held / 2**20, 1)  # one device's share
+    grad_peak = round(grad["total_mib"] + held, 1)
+    if grad_peak >= update["total_mib"]:
+        peak = dict(args_mib=round(grad["args_mib"] + held, 1), temp_mib=grad["temp_mib"], total_mib=grad_peak)
+    else:
+        peak = dict(args_mib=update["args_mib"], temp_mib=update["temp_mib"], total_mib=update["total_mib"])
+    return dict(peak, output_mib=update["output_mib"], alias_mib=update["alias_mib"], programs=[grad, update])
+
+
 def report(args, built, timed) -> dict:
     """The JSON record: medians, pairs/s, analytic and XLA FLOPs, MFU (when the peak is known), memory."""
     import jax
@@ -231,6 +262,7 @@ def report(args, built, timed) -> dict:
         dtype=jnp.dtype(built["dtype"]).name,
         objectives=args.objectives,
         scan=bool(args.scan),
+        split=bool(args.split),
         remat=args.remat,
         attention=args.attention,
         params_millions=round(n_params / 1e6, 2),
@@ -256,7 +288,7 @@ def report(args, built, timed) -> dict:
             mfu=round(an.train / med / (peak * 1e12 * mesh.size), 4) if peak else None,
             loss=timed["loss"],
         )
-    out.update(_memory(timed["mem"]))
+    out.update(timed["mem"])
     stats = getattr(dev, "memory_stats", lambda: None)()
     if times and stats and "peak_bytes_in_use" in stats:
         out["peak_device_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
@@ -271,7 +303,7 @@ def run_one(args) -> dict:
 
 
 VARIANT_KEYS = dict(objectives=str, batch=int, remat=str, scan=int, dtype=str, text_len=int, preset=str, fsdp=int)
-VARIANT_KEYS.update(image_size=str, attention=str)
+VARIANT_KEYS.update(image_size=str, attention=str, split=int)
 
 
 def parse_variant(spec: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:

@@ -6,7 +6,8 @@
 # Runs, in priority order, each under its own time limit so that one slow compile cannot take the others with it,
 # and stops starting new runs when the time budget (default 540 s) is spent:
 #   1. ViT-B/16 384x128 batch 128, bf16, layers in a loop (the default), in one process: the full objective and
-#      the align-only step (restoration off), each with XLA's attention and with cuDNN's fused attention.
+#      the align-only step (restoration off), each with XLA's attention and with cuDNN's fused attention; then the
+#      full objective as one program (--split=0) beside the default two (gradient, update).
 #   2. cuDNN's attention against XLA's, both bf16, against a float32 reference (tools/check_attention.py).
 #   3. Retrieval metrics at ICFG-PEDES size, similarities on the accelerator.
 #   4. ViT-L/14 at 378x126 (the vit-l14 variant's shapes), batch 128, scan + full remat.
@@ -58,7 +59,7 @@ fi
 # Caps from two leases on one H200 (2026-11-28): the step compiles in 93-114 s (full) and 50 s (align-only); the
 # parameter init, with the benchmark's hardware PRNG, in 10 s (78-88 s with threefry). cuDNN rows first: they
 # are the new measurement, and the XLA rows give the ratio in the same process.
-step 1_b16_attention 360 $py "${b16[@]}" --table='full,attention=cudnn;full;align,attention=cudnn;align'
+step 1_b16_attention 460 $py "${b16[@]}" --table='full,attention=cudnn;full;align,attention=cudnn;align;full,split=0'
 step 2_check_attention 150 $py "${check[@]}"
 step 3_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
 step 4_l14 240 $py "${l14[@]}" --scan=1 --remat=full

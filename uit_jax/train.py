@@ -483,7 +483,7 @@ def _make_train_step(config, setup, spe, tx, schedule, state_sh, mesh):
         norm_pix=config.loss.norm_pix,
         start_steps={"triplet": epochs_to_steps(config.loss.triplet_start_epochs, spe)},
     )
-    return steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh)
+    return steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=bool(config.get("split_train_step", True)))
 
 
 def _train(config, workdir, mesh, stop_after) -> dict:
