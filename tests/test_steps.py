@@ -114,6 +114,37 @@ def test_split_step_matches_one_program():
     print(f"one program on data vs split on data x fsdp: {rel:.3g} of the move {moved:.3g}")
 
 
+def test_split_step_compiles_both_programs_once_before_running():
+    """The first call compiles the gradient and the update (AOT, before running either); jit reuses them, so no
+    later step compiles anything."""
+    cfg, model, params, batch_np = _setup()
+    tx = optax.sgd(0.1)
+    model = model.clone(use_restoration=False)
+    loss_fn = steps.make_loss_fn(model, dict(sdm=1.0), logit_scale=50.0, patch_size=cfg.patch_size)
+    mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    state = steps.init_state({k: v for k, v in params.items() if k != "decoder"}, tx)
+    state_sh = sharding.shardings_for(sharding.param_partition_specs(state, ((".*", "fsdp"),), mesh), mesh)
+    step = steps.jit_train_step(loss_fn, tx, None, state_sh, mesh, split=True)
+    state = jax.device_put(state, state_sh)
+    batch = sharding.host_batch_to_global(batch_np, mesh)
+    compiled = []  # the function name of every XLA compile (a persistent-cache hit counts too)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, fun_name=None, **kw: (
+            compiled.append(fun_name) if event == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
+    with jax.set_mesh(mesh):
+        state, m = step(state, batch, jax.random.key(0))
+        first = list(compiled)
+        for _ in range(2):
+            state, m = step(state, batch, jax.random.key(0))
+        jax.block_until_ready(m)
+    # Once each: the first call's own dispatch found the executables compiled ahead (same shapes and shardings).
+    assert first.count("jit(grad_step)") == 1 and first.count("jit(update_step)") == 1, first
+    assert compiled == first, f"compiled after the first step: {compiled[len(first) :]}"
+    assert int(state["step"]) == 3
+
+
 def test_scan_and_remat_under_fsdp_match_the_loop():
     """The ViT-L/14 setting (layers under scan, full remat) on a sharded mesh: the same step as the plain loop."""
     fsdp = sharding.make_mesh({"data": 2, "fsdp": 4})

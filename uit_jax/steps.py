@@ -150,8 +150,16 @@ class SplitTrainStep:
 
     def __init__(self, grad_step, update_step):
         self.grad_step, self.update_step = grad_step, update_step
+        self._compiled = False
 
     def __call__(self, state: State, batch, rng):
+        if not self._compiled:
+            # Both programs compile before either runs (jit then reuses these executables). In a multi-process
+            # run the gradient's first collective waits for every process (on CPU, gloo gives them 30 s): a
+            # process that compiled the update while it waited would slow the ones still compiling the gradient.
+            for lowered in self.lower(state, batch, rng):
+                lowered.compile()
+            self._compiled = True
         loss, parts, grads = self.grad_step(state["params"], batch, rng, state["step"])
         return self.update_step(state, grads, loss, parts)
 
