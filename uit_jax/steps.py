@@ -154,9 +154,9 @@ class SplitTrainStep:
 
     def __call__(self, state: State, batch, rng):
         if not self._compiled:
-            # Both programs compile before either runs (jit then reuses these executables). In a multi-process
-            # run the gradient's first collective waits for every process (on CPU, gloo gives them 30 s): a
-            # process that compiled the update while it waited would slow the ones still compiling the gradient.
+            # Both programs compile before either runs (jit then reuses these executables): the first step is
+            # one compile, then one run, as with one program, rather than the update compiling (and taking the
+            # CPU) while the gradient runs. Multi-process runs use one program (uit_jax/train.py says why).
             for lowered in self.lower(state, batch, rng):
                 lowered.compile()
             self._compiled = True

@@ -483,7 +483,11 @@ def _make_train_step(config, setup, spe, tx, schedule, state_sh, mesh):
         norm_pix=config.loss.norm_pix,
         start_steps={"triplet": epochs_to_steps(config.loss.triplet_start_epochs, spe)},
     )
-    return steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=bool(config.get("split_train_step", True)))
+    # Two programs in a single-process run only. Across processes, CPU collectives (gloo) give the processes 30 s to
+    # meet at a program's first collective; compiling two programs before it widened the skew between them past
+    # that in CI (tests/test_multiprocess_train.py, under load), so a multi-process run keeps the one program.
+    split = bool(config.get("split_train_step", True)) and jax.process_count() == 1
+    return steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=split)
 
 
 def _train(config, workdir, mesh, stop_after) -> dict:
