@@ -64,7 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--scan", type=int, default=0, help="1: layers under jax.lax.scan; 0: a loop (the default config)")
     p.add_argument("--remat", default="none", help="per-layer rematerialisation: none|full|dots")
     p.add_argument(
-        "--split", type=int, default=1, help="1: gradient and update as two programs (the trainer's default); 0: one"
+        "--split",
+        type=int,
+        default=1,
+        help="1: gradient and update as two programs (the trainer's default in one process); 0: one",
     )
     p.add_argument("--attention", default="xla", help="attention kernel: xla|cudnn (cuDNN flash attention, GPU, bf16)")
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
