@@ -114,9 +114,8 @@ def test_split_step_matches_one_program():
     print(f"one program on data vs split on data x fsdp: {rel:.3g} of the move {moved:.3g}")
 
 
-def test_split_step_compiles_both_programs_once_before_running():
-    """The first call compiles the gradient and the update (AOT, before running either); jit reuses them, so no
-    later step compiles anything."""
+def test_split_step_compiles_each_program_once():
+    """The first call compiles the gradient and the update, once each; no later step compiles anything."""
     cfg, model, params, batch_np = _setup()
     tx = optax.sgd(0.1)
     model = model.clone(use_restoration=False)
@@ -139,7 +138,7 @@ def test_split_step_compiles_both_programs_once_before_running():
         for _ in range(2):
             state, m = step(state, batch, jax.random.key(0))
         jax.block_until_ready(m)
-    # Once each: the first call's own dispatch found the executables compiled ahead (same shapes and shardings).
+    # Once each: the update's arguments (the gradient's outputs) keep their shapes and shardings from step to step.
     assert first.count("jit(grad_step)") == 1 and first.count("jit(update_step)") == 1, first
     assert compiled == first, f"compiled after the first step: {compiled[len(first) :]}"
     assert int(state["step"]) == 3

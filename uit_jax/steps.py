@@ -150,16 +150,8 @@ class SplitTrainStep:
 
     def __init__(self, grad_step, update_step):
         self.grad_step, self.update_step = grad_step, update_step
-        self._compiled = False
 
     def __call__(self, state: State, batch, rng):
-        if not self._compiled:
-            # Both programs compile before either runs (jit then reuses these executables): the first step is
-            # one compile, then one run, as with one program, rather than the update compiling (and taking the
-            # CPU) while the gradient runs. Multi-process runs use one program (uit_jax/train.py says why).
-            for lowered in self.lower(state, batch, rng):
-                lowered.compile()
-            self._compiled = True
         loss, parts, grads = self.grad_step(state["params"], batch, rng, state["step"])
         return self.update_step(state, grads, loss, parts)
 
