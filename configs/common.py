@@ -146,7 +146,6 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
     c.log = ml_collections.ConfigDict(dict(every_steps=50))
     c.total_steps = 0  # > 0 overrides schedule.epochs (short runs, tests).
     # The train step as two programs, gradient then update (uit_jax/steps.py, SplitTrainStep): the same step,
-    # compiled faster and loaded from the compilation cache 3x faster on CPU (README, "Benchmarks"). Single-process
-    # runs only; a multi-process run keeps one program (uit_jax/train.py says why).
+    # compiled faster and loaded from the compilation cache 3x faster on CPU (README, "Benchmarks"). False: one.
     c.split_train_step = True
     return c

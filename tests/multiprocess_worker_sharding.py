@@ -1,10 +1,13 @@
 """One process of tests/test_sharding.py's two-process loopback run (not collected by pytest itself).
 
 Usage: python tests/multiprocess_worker_sharding.py PORT PROCESS_ID, with XLA_FLAGS giving 2 CPU devices.
-Each process holds half of an 8-row batch; checks run on the 4-device global mesh. Prints 'OK <id>'.
+Each process holds half of an 8-row batch; checks run on the 4-device global mesh; then the coordination-service
+barrier (`sharding.wait_for_all_processes`) waits for a late process, and names itself when one is too late.
+Prints 'OK <id>'.
 """
 
 import sys
+import time
 
 import jax
 import numpy as np
@@ -43,6 +46,25 @@ def main(port: int, process_id: int) -> None:
     err = np.abs(sharding.gather_to_host(out) - full_x @ w)
     assert np.all(err <= 2 * 6 * np.finfo(np.float32).eps * (np.abs(full_x) @ np.abs(w))), err.max()
 
+    # The barrier waits for process 1, 3 s late (a collective's first run would give it 30 s on CPU; this, any).
+    if process_id == 1:
+        time.sleep(3.0)
+    t0 = time.monotonic()
+    sharding.wait_for_all_processes("test: meet", timeout_s=120)
+    if process_id == 0:
+        assert time.monotonic() - t0 > 2.0, time.monotonic() - t0  # it did wait
+    # Too late: process 1 arrives after the 2 s timeout; process 0's error names the barrier and what to do.
+    if process_id == 1:
+        time.sleep(6.0)
+    try:
+        sharding.wait_for_all_processes("test: late", timeout_s=2)
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        message = ""
+    if process_id == 0:
+        assert "Process 0 of 2 waited at barrier 'test: late' for up to 2 s" in message, message
+        assert "other processes' logs" in message, message
     print(f"OK {process_id}", flush=True)
     jax.distributed.shutdown()
 

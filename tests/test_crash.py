@@ -72,3 +72,20 @@ def test_kill_during_the_final_evaluation(data_root, reference, tmp_path):  # no
 def test_kill_anywhere_else(data_root, reference, tmp_path, kills):  # noqa: F811
     _crash_then_finish(data_root, tmp_path / "wd", kills)
     _check_same_end(data_root, reference, tmp_path / "wd")
+
+
+def test_delay_sleeps_once_at_its_point(monkeypatch):
+    """UIT_JAX_DELAY_AT=POINT:SECONDS (the slow process of tests/test_multiprocess_train.py) sleeps at POINT the
+    first time only, and nowhere else."""
+    import time
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(faults, "_seen", {})
+    monkeypatch.setenv(faults.DELAY_ENV, "compile:40")
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.point("save")
+    assert slept == []
+    faults.point("compile")
+    faults.point("compile")
+    assert slept == [40.0]

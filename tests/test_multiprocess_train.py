@@ -97,7 +97,11 @@ def test_two_processes_match_one(data_root, tmp_path):  # noqa: F811
 
 
 def test_a_dead_process_stops_the_others_promptly(data_root, tmp_path):  # noqa: F811
-    """kill -9 of one process mid-training: the survivor exits with an error within a bounded time, not a hang."""
+    """kill -9 of one process mid-training: the survivor exits with an error within a bounded time, not a hang.
+
+    Process 1 also reaches its first step 40 s after process 0 (a slow host): gloo gives CPU processes a fixed 30 s
+    to meet at a collective's first run, so training starts only because they meet at the coordination-service
+    barrier after compiling (train._compile_then_meet)."""
     import signal
     import time
 
@@ -107,7 +111,8 @@ def test_a_dead_process_stops_the_others_promptly(data_root, tmp_path):  # noqa:
     for pid in range(2):
         args = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}", *extra)
         log = open(tmp_path / f"p{pid}.log", "wb")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen(_cmd(data_root, tmp_path / "wd", args), cwd=ROOT, env=_env(2), stdout=log,
+        env = dict(_env(2), **({"UIT_JAX_DELAY_AT": "compile:40"} if pid == 1 else {}))
+        procs.append((subprocess.Popen(_cmd(data_root, tmp_path / "wd", args), cwd=ROOT, env=env, stdout=log,
                                        stderr=subprocess.STDOUT), log))  # fmt: skip
     try:
         deadline = time.time() + 300

@@ -67,7 +67,7 @@ def parse_args(argv=None):
         "--split",
         type=int,
         default=1,
-        help="1: gradient and update as two programs (the trainer's default in one process); 0: one",
+        help="1: gradient and update as two programs (the trainer's default); 0: one",
     )
     p.add_argument("--attention", default="xla", help="attention kernel: xla|cudnn (cuDNN flash attention, GPU, bf16)")
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")

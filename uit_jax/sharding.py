@@ -217,3 +217,25 @@ def gather_to_host(x: Any) -> Any:
         # np.asarray would fail on arrays with shards on other processes; this all-gathers them.
         return multihost_utils.process_allgather(x, tiled=True)
     return jax.tree.map(np.asarray, x)
+
+
+def wait_for_all_processes(name: str, timeout_s: float) -> None:
+    """Blocks until every process of a multi-process run has called this with the same `name` (no-op in one process).
+
+    A barrier of JAX's coordination service (through Orbax's public `multihost.get_barrier_sync_fn`), not a
+    collective: on CPU a collective's first run gives the processes gloo's fixed 30 s to meet, this waits
+    `timeout_s`. A process that dies meanwhile is reported by the service's heartbeat, as everywhere else. Each
+    `name` may be used once per run.
+    """
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp  # noqa: PLC0415 - only multi-process runs need it
+
+    try:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+    except Exception as e:  # the service's XlaRuntimeError: DEADLINE_EXCEEDED, or a peer's error
+        raise RuntimeError(
+            f"Process {jax.process_index()} of {jax.process_count()} waited at barrier {name!r} for up to "
+            f"{timeout_s:.0f} s and not every process arrived ({type(e).__name__}: {e}). Check the other "
+            "processes' logs for the error that stopped or delayed them."
+        ) from e

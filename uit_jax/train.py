@@ -483,11 +483,30 @@ def _make_train_step(config, setup, spe, tx, schedule, state_sh, mesh):
         norm_pix=config.loss.norm_pix,
         start_steps={"triplet": epochs_to_steps(config.loss.triplet_start_epochs, spe)},
     )
-    # Two programs in a single-process run only. Across processes, CPU collectives (gloo) give the processes 30 s to
-    # meet at a program's first collective; compiling two programs before it widened the skew between them past
-    # that in CI (tests/test_multiprocess_train.py, under load), so a multi-process run keeps the one program.
-    split = bool(config.get("split_train_step", True)) and jax.process_count() == 1
+    split = bool(config.get("split_train_step", True))
     return steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=split)
+
+
+# How long a process waits for the others after compiling the train step: first compiles of a large model on a busy
+# host take minutes; a process that died is reported sooner, by the coordination service's heartbeat.
+_COMPILE_BARRIER_TIMEOUT_S = 1800
+
+
+def _compile_then_meet(train_step, state, batch, rng) -> None:
+    """Multi-process runs: compiles the train step's program(s) for these arguments (jit then reuses them), then
+    waits for every process at a coordination-service barrier, so the first collective starts on all of them
+    together. On CPU, gloo gives the processes a fixed 30 s to meet at a program's first collective, and the skew
+    of process start-up plus compile exceeded it under CI load (tests/test_multiprocess_train.py)."""
+    if jax.process_count() == 1:
+        return
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, batch, rng)
+    for x in lowered if isinstance(lowered, list) else [lowered]:
+        x.compile()
+    logging.info("Train step compiled in %.1f s; waiting for the other processes", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sharding.wait_for_all_processes("uit_jax: train step compiled", _COMPILE_BARRIER_TIMEOUT_S)
+    logging.info("All %d processes ready after %.1f s", jax.process_count(), time.perf_counter() - t0)
 
 
 def _train(config, workdir, mesh, stop_after) -> dict:
@@ -546,6 +565,7 @@ def _train(config, workdir, mesh, stop_after) -> dict:
             batch = sharding.host_batch_to_global(next(data), mesh)
             if step == start:
                 faults.point("compile")
+                _compile_then_meet(train_step, state, batch, step_rng)
             state, metrics = train_step(state, batch, step_rng)
             step += 1
             if pending is not None:
