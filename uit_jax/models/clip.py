@@ -217,7 +217,7 @@ class VisionEmbeddings(nn.Module):
             name="patch_embedding",
         )(images)
         x = x.reshape(x.shape[0], -1, d)  # row-major over (gh, gw), as torch's flatten(2)
-        cls = self.param("class_embedding", nn.initializers.normal(d**-0.5), (d,), self.param_dtype)
+        cls = layers.param(self, "class_embedding", nn.initializers.normal(d**-0.5), (d,), self.param_dtype)
         # OpenAI CLIP's init, width^-0.5 like the class embedding (0.088 at the mini width 128; it was 0.01, about 1%
         # of a patch token's size at init). It only matters from scratch (README, "From scratch": the same mean
         # test R1 over three seeds, a narrower spread).
@@ -345,12 +345,14 @@ class CLIP(nn.Module):
         opts = dict(scan=self.scan, remat=self.remat, attention=self.attention)
         self.text_model = TextModel(c, **opts, **kw)
         self.vision_model = VisionModel(c, **opts, **kw)
-        proj = lambda width, name: nn.Dense(
+        proj = lambda width, name: layers.Dense(
             c.embed_dim, use_bias=False, kernel_init=nn.initializers.normal(width**-0.5), name=name, **kw
         )
         self.text_projection = proj(c.text_width, "text_projection")
         self.visual_projection = proj(c.vision_width, "visual_projection")
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32)
+        self.logit_scale = layers.param(
+            self, "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32
+        )
 
     def encode_text(self, ids):
         """ids (B, L) int -> dict(embed (B, E), tokens (B, L, E), hidden (B, L, D), mask (B, L) bool).

@@ -129,8 +129,8 @@ class RestorationDecoder(nn.Module):
         img = ln(img_tokens, "ln_img")
         txt = ln(txt_tokens, "ln_txt")
 
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(img)
-        mask_token = self.param("mask_token", nn.initializers.zeros, (self.width,), self.param_dtype)
+        x = layers.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(img)
+        mask_token = layers.param(self, "mask_token", nn.initializers.zeros, (self.width,), self.param_dtype)
         fill = jnp.broadcast_to(mask_token.astype(self.dtype), (b, n - k, self.width))
         patches = jnp.concatenate([x[:, 1:], fill], axis=1)  # (B, N, W): [kept..., mask tokens...]
         patches = jnp.take_along_axis(patches, ids_restore[:, :, None].astype(jnp.int32), axis=1)
@@ -172,5 +172,5 @@ class RestorationDecoder(nn.Module):
         )
 
         x = ln(x, "ln_post")
-        x = nn.Dense(self.patch_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pred")(x)
+        x = layers.Dense(self.patch_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="pred")(x)
         return x[:, 1:].astype(jnp.float32)

@@ -59,7 +59,7 @@ class MLMHead(nn.Module):
         for i in range(self.layers):
             x = layers.Block(self.width, self.heads, 4 * self.width, name=f"cross_layers_{i}", **std, **att, **kw)(x)
         x = ln("ln_post")(x)
-        dense = lambda n, s, name: nn.Dense(n, kernel_init=nn.initializers.normal(s), name=name, **kw)
+        dense = lambda n, s, name: layers.Dense(n, kernel_init=nn.initializers.normal(s), name=name, **kw)
         x = layers.quick_gelu(dense(self.width, std["fc_std"], "dense")(x))
         x = ln("ln")(x)
         return dense(self.vocab_size, std["proj_std"], "fc")(x).astype(jnp.float32)
@@ -87,7 +87,7 @@ class UIT(nn.Module):
         self.clip = clip_lib.CLIP(cfg, dtype=self.dtype, scan=self.scan, remat=self.remat, attention=self.attention)
         if self.use_id:
             # SEN: normal(std=0.001) weights, zero bias; kept in float32 (the reference runs it in fp16).
-            self.classifier = nn.Dense(
+            self.classifier = layers.Dense(
                 self.num_classes, kernel_init=nn.initializers.normal(0.001), bias_init=nn.initializers.zeros
             )
         if self.use_restoration:
