@@ -16,8 +16,9 @@ Two more modes:
   --table=VARIANTS  one process, one row per variant, a markdown table with ratios to the first row, e.g.
                     --table='full;align;remat=full;batch=256' (a variant is ';'-separated, its settings
                     ','-separated key=value overriding the command line: objectives, batch, remat, scan, dtype,
-                    text_len, preset, image_size, fsdp, attention, split). 'full' and 'align' are objectives. A variant
-                    that fails (a kernel the device lacks, out of memory) gets a 'failed' row; the others run.
+                    text_len, preset, image_size, fsdp, attention, split, grad_barrier). 'full' and 'align' are
+                    objectives. A variant that fails (a kernel the device lacks, out of memory) gets a 'failed'
+                    row; the others run.
   --aot             compile only, from abstract shapes (no weights, nothing run), and print XLA's memory analysis
                     of the step: arguments, outputs, temporaries, and the total a device must hold. With
                     --table, one row per variant: the memory table of the README.
@@ -69,6 +70,11 @@ def parse_args(argv=None):
         default=1,
         help="1: gradient and update as two programs (the trainer's default); 0: one",
     )
+    p.add_argument(
+        "--grad_barrier",
+        default="auto",
+        help="residual-gradient barrier between blocks (models/layers.py): auto (CPU only) | 1 | 0",
+    )
     p.add_argument("--attention", default="xla", help="attention kernel: xla|cudnn (cuDNN flash attention, GPU, bf16)")
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
     p.add_argument("--table", default="", help="';'-separated variants, one table row each (see the docstring)")
@@ -87,8 +93,11 @@ def build(args):
 
     from uit_jax import flops, optim, sharding, steps
     from uit_jax.models import clip as clip_lib
+    from uit_jax.models import layers
     from uit_jax.models import uit as uit_lib
 
+    os.environ[layers.GRAD_BARRIER_ENV] = str(args.grad_barrier)  # read when the step is traced
+    layers.grad_barrier_enabled()  # a bad value fails here, before any compile
     h, w = (int(x) for x in args.image_size.split(","))
     if args.dtype == "auto":
         dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
@@ -248,7 +257,10 @@ def report(args, built, timed) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from uit_jax.models import layers
+
     mesh, times, xla_flops, an = built["mesh"], timed["times"], timed["flops"], built["flops"]
+    grad_barrier_on = layers.grad_barrier_enabled() and not args.scan
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), 0.0)
@@ -268,6 +280,7 @@ def report(args, built, timed) -> dict:
         split=bool(args.split),
         remat=args.remat,
         attention=args.attention,
+        grad_barrier=grad_barrier_on,
         params_millions=round(n_params / 1e6, 2),
         compile_s=round(timed["compile_s"], 2),
         init_s=None if built["init_s"] is None else round(built["init_s"], 2),
@@ -306,7 +319,7 @@ def run_one(args) -> dict:
 
 
 VARIANT_KEYS = dict(objectives=str, batch=int, remat=str, scan=int, dtype=str, text_len=int, preset=str, fsdp=int)
-VARIANT_KEYS.update(image_size=str, attention=str, split=int)
+VARIANT_KEYS.update(image_size=str, attention=str, split=int, grad_barrier=str)
 
 
 def parse_variant(spec: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:

@@ -1,0 +1,108 @@
+"""`layers.residual_grad_barrier`: the identity whose gradient XLA:CPU must write once per block.
+
+Checked three ways: the gradient is the cotangent bit for bit (signed zeros, infinities, NaN, both branches of
+its conditional; subnormals become zeros as in every XLA:CPU addition, the residual sum's own included); a
+tower's gradients with and without it agree; and the compiled program no longer grows with depth squared:
+without the barrier the largest fusion of a tower's gradient takes more operands the deeper the tower (XLA:CPU
+re-sums every later block's terms in each consumer), with it the largest fusion is the same size at 4 and at 12
+layers. The last check is about the compiled HLO, not a time, so it is exact.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from tests import numerics
+from tools import bench_grad_barrier
+from uit_jax.models import layers
+
+SPECIAL = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 3.4e38, 1.2e-38]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("first", [1.0, -1.0, 0.0, np.nan], ids=["pos", "neg", "zero", "nan"])
+def test_the_gradient_is_the_cotangent_bit_for_bit(dtype, first):
+    g = jnp.asarray([first, *SPECIAL], dtype).reshape(1, -1)  # the first element picks the conditional's branch
+    x = jnp.ones_like(g)
+    y, vjp = jax.vjp(layers.residual_grad_barrier, x)
+    assert y is x or np.array_equal(np.asarray(y), np.asarray(x))
+    (dx,) = jax.jit(vjp)(g)
+    assert dx.dtype == g.dtype and dx.shape == g.shape
+    # Compare the bits: -0.0 == 0.0 and NaN != NaN would hide a difference from a value comparison.
+    bits = lambda a: np.asarray(a).view(np.uint16 if a.dtype == jnp.bfloat16 else np.uint32)
+    np.testing.assert_array_equal(bits(dx), bits(g))
+
+
+def test_subnormals_flush_as_in_any_xla_cpu_addition():
+    g = jnp.asarray([1.0, 1e-45, -1e-45, 1e-39], jnp.float32)
+    (dx,) = jax.jit(jax.vjp(layers.residual_grad_barrier, jnp.ones_like(g))[1])(g)
+    # The residual gradient reaching the barrier is itself a sum, which XLA:CPU (flush-to-zero) computes the same way.
+    same_as_a_sum = jax.jit(lambda a, b: a + b)(g, jnp.full_like(g, -0.0))
+    np.testing.assert_array_equal(np.asarray(dx).view(np.uint32), np.asarray(same_as_a_sum).view(np.uint32))
+
+
+class _Tower(nn.Module):
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+        return layers.blocks(self, x, self.depth, "layers_", width=16, heads=2, mlp=32)
+
+
+def _grad(depth, monkeypatch, barrier):
+    monkeypatch.setenv(layers.GRAD_BARRIER_ENV, barrier)
+    tower = _Tower(depth)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    params = tower.init(jax.random.key(1), x)
+
+    def loss(p, x):
+        y = tower.apply(p, x)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    compiled = fn.lower(params, x).compile()
+    return compiled(params, x), compiled.as_text()
+
+
+def _largest_fusion(hlo: str) -> int:
+    """The most operands any fusion of the compiled program's entry computation takes."""
+    stats = bench_grad_barrier.fusion_stats(hlo)
+    assert stats["fusions"], "no fusion found: the HLO text format changed"
+    return stats["max_fusion_operands"]
+
+
+def test_tower_gradients_agree_with_and_without(monkeypatch):
+    (g_on, hlo_on), (g_off, hlo_off) = _grad(6, monkeypatch, "1"), _grad(6, monkeypatch, "0")
+    assert hlo_on.count("conditional(") == 5 and "conditional(" not in hlo_off  # one between each two blocks
+    # Same maths; XLA may still order a fused sum differently, so rounding of the largest gradient's size.
+    for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_off), strict=True):
+        scale = numerics.max_abs(b)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=numerics.reduction_rtol(64) * scale)
+
+
+def test_the_compiled_gradient_does_not_grow_with_depth_squared(monkeypatch):
+    off = {d: _largest_fusion(_grad(d, monkeypatch, "0")[1]) for d in (4, 12)}
+    on = {d: _largest_fusion(_grad(d, monkeypatch, "1")[1]) for d in (4, 12)}
+    assert off[12] > 2 * off[4], f"without the barrier the chain should grow with depth: {off}"  # the test can fail
+    assert on[12] == on[4], f"with the barrier the largest fusion should not depend on depth: {on}"
+    assert on[12] < off[12]
+
+
+def test_on_by_default_on_cpu_and_a_bad_setting_is_named(monkeypatch):
+    monkeypatch.delenv(layers.GRAD_BARRIER_ENV, raising=False)
+    assert layers.grad_barrier_enabled() == (jax.default_backend() == "cpu")
+    monkeypatch.setenv(layers.GRAD_BARRIER_ENV, "0")
+    assert not layers.grad_barrier_enabled()
+    monkeypatch.setenv(layers.GRAD_BARRIER_ENV, "maybe")
+    with pytest.raises(ValueError, match=r"UIT_JAX_GRAD_BARRIER='maybe': use 1 \(on\), 0 \(off\) or auto"):
+        layers.grad_barrier_enabled()
+
+
+def test_the_tool_reports_both_settings():
+    common = ["--width", "16", "--layers", "6", "--batch", "2", "--tokens", "5", "--steps", "1"]
+    off = bench_grad_barrier.main([*common, "--barrier", "0"])
+    on = bench_grad_barrier.main([*common, "--barrier", "1"])
+    assert (off["barrier"], on["barrier"]) == (False, True)
+    assert on["max_fusion_operands"] < off["max_fusion_operands"] and on["grad_s_median"] > 0
