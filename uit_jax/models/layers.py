@@ -253,9 +253,13 @@ class Block(nn.Module):
 # out of the control flow). What XLA cannot fuse across is a conditional that computes: the backward below sends
 # the cotangent through `lax.cond` on a runtime predicate, each branch multiplying by a runtime 1 (x * 1 == x for
 # every float, signed zeros, infinities and NaNs included; subnormals flush to zero as in any XLA:CPU arithmetic,
-# the residual sum's own included), so the gradient is the same and each dx_i is written once. Measured (README, "Benchmarks"): the 12-layer tower's gradient 7.17 -> 4.91 s, its compile
-# 6.5 -> 1.7 s. On by default on CPU only: a GPU conditional waits for its predicate on the host, and GPU
-# fusion was not measured to have the problem. UIT_JAX_GRAD_BARRIER=1 / 0 forces it on / off (at trace time).
+# the residual sum's own included), so the gradient is the same and each dx_i is written once. XLA:CPU duplicates
+# the chain only for small residual tensors (batch 20 of 193 x 768 still, batch 24 not), where the barrier pays;
+# above that it costs one more pass over each block's gradient. Measured (README, "Benchmarks";
+# tools/bench_grad_barrier.py): the 12-layer tower's gradient at batch 8 6.45-6.71 -> 4.34-4.41 s, its compile
+# 5.9-6.3 -> 1.5 s; at batch 32 +2-4%; the ViT-B/16 batch-8 train step 1.57-1.68x SEN's PyTorch step -> 1.08-1.10x.
+# On by default on CPU only: a GPU conditional waits for its predicate on the host, and GPU fusion was not
+# measured to have the problem. UIT_JAX_GRAD_BARRIER=1 / 0 forces it on / off (read at trace time).
 GRAD_BARRIER_ENV = "UIT_JAX_GRAD_BARRIER"
 
 
