@@ -43,35 +43,44 @@ def fusion_stats(hlo: str) -> dict:
     return dict(fusions=len(calls), max_fusion_operands=max(operands, default=0), hlo_lines=hlo.count("\n"))
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def tower_grad(width: int, depth: int, batch: int, tokens: int):
+    """The jitted, compiled gradient (parameters and input) of `depth` CLIP blocks at these shapes, with the barrier
+    setting in force now (read when it is traced); returns (compiled, params, x, compile seconds)."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
 
     from uit_jax.models import layers
 
-    os.environ[layers.GRAD_BARRIER_ENV] = args.barrier
-    barrier = layers.grad_barrier_enabled()
-
     class Tower(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = layers.blocks(self, x, args.layers, "layers_", width=args.width, heads=max(args.width // 64, 1),
-                              mlp=4 * args.width)  # fmt: skip
+            x = layers.blocks(self, x, depth, "layers_", width=width, heads=max(width // 64, 1), mlp=4 * width)
             return layers.LayerNorm(name="ln_final")(x)
 
     tower = Tower()
-    x = jax.random.normal(jax.random.key(0), (args.batch, args.tokens, args.width))
+    x = jax.random.normal(jax.random.key(0), (batch, tokens, width))
     params = tower.init(jax.random.key(1), x)
 
     def loss(p, x):
         return jnp.sum(jnp.square(tower.apply(p, x)[:, 0]))
 
     t0 = time.perf_counter()
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    return compiled, params, x, time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import jax
+
+    from uit_jax.models import layers
+
+    os.environ[layers.GRAD_BARRIER_ENV] = args.barrier
+    barrier = layers.grad_barrier_enabled()
+    grad, params, x, compile_s = tower_grad(args.width, args.layers, args.batch, args.tokens)
     out = dict(width=args.width, layers=args.layers, batch=args.batch, tokens=args.tokens, barrier=barrier)
-    out.update(compile_s=round(time.perf_counter() - t0, 2), **fusion_stats(grad.as_text()))
+    out.update(compile_s=round(compile_s, 2), **fusion_stats(grad.as_text()))
     if args.steps:
         jax.block_until_ready(grad(params, x))
         times = []

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from tests import numerics
 from tools import bench_grad_barrier
@@ -43,26 +42,9 @@ def test_subnormals_flush_as_in_any_xla_cpu_addition():
     np.testing.assert_array_equal(np.asarray(dx).view(np.uint32), np.asarray(same_as_a_sum).view(np.uint32))
 
 
-class _Tower(nn.Module):
-    depth: int
-
-    @nn.compact
-    def __call__(self, x):
-        return layers.blocks(self, x, self.depth, "layers_", width=16, heads=2, mlp=32)
-
-
 def _grad(depth, monkeypatch, barrier):
     monkeypatch.setenv(layers.GRAD_BARRIER_ENV, barrier)
-    tower = _Tower(depth)
-    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
-    params = tower.init(jax.random.key(1), x)
-
-    def loss(p, x):
-        y = tower.apply(p, x)
-        return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
-
-    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    compiled = fn.lower(params, x).compile()
+    compiled, params, x, _ = bench_grad_barrier.tower_grad(width=16, depth=depth, batch=2, tokens=5)
     return compiled(params, x), compiled.as_text()
 
 
@@ -100,7 +82,8 @@ def test_on_by_default_on_cpu_and_a_bad_setting_is_named(monkeypatch):
         layers.grad_barrier_enabled()
 
 
-def test_the_tool_reports_both_settings():
+def test_the_tool_reports_both_settings(monkeypatch):
+    monkeypatch.setenv(layers.GRAD_BARRIER_ENV, "auto")  # the tool sets it; restored after the test
     common = ["--width", "16", "--layers", "6", "--batch", "2", "--tokens", "5", "--steps", "1"]
     off = bench_grad_barrier.main([*common, "--barrier", "0"])
     on = bench_grad_barrier.main([*common, "--barrier", "1"])

@@ -324,7 +324,7 @@ def blocks(parent: nn.Module, x, count: int, prefix: str, *, scan: bool = False,
     policy = REMAT_POLICIES[check_remat(remat)]
     if not scan or count < 2 or parent.is_initializing():
         cls = Block if remat == "none" else nn.remat(Block, policy=policy)
-        barrier = grad_barrier_enabled() and not parent.is_initializing()
+        barrier = grad_barrier_enabled()
         for i in range(count):
             if barrier and i > 0:
                 x = residual_grad_barrier(x)
