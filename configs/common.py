@@ -54,9 +54,10 @@ def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
             # Per-layer rematerialisation: 'none', 'full' (recompute every activation) or 'dots' (keep matmul
             # outputs). Trades compute for activation memory (README, "Benchmarks": the memory table).
             remat=v.get("remat", "none"),
-            # Attention kernel: 'xla' (XLA's own, every backend) or 'cudnn' (cuDNN's fused flash attention; CUDA
-            # GPUs, bfloat16 compute). Same maths; README "Benchmarks" has the GPU step times of both.
-            attention="xla",
+            # Attention kernel, the same maths in each: 'auto' ('einsum' on CPU, 'xla' elsewhere), 'xla'
+            # (jax.nn.dot_product_attention), 'einsum' (head-major, hand-written gradient: 2x faster on XLA:CPU)
+            # or 'cudnn' (cuDNN's fused flash attention; CUDA GPUs, bfloat16). README "Benchmarks" has the times.
+            attention="auto",
         )
     )
 

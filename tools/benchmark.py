@@ -75,7 +75,9 @@ def parse_args(argv=None):
         default="auto",
         help="residual-gradient barrier between blocks (models/layers.py): auto (CPU only) | 1 | 0",
     )
-    p.add_argument("--attention", default="xla", help="attention kernel: xla|cudnn (cuDNN flash attention, GPU, bf16)")
+    p.add_argument(
+        "--attention", default="auto", help="attention kernel: auto|xla|einsum|cudnn (layers.ATTENTION_IMPLS)"
+    )
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
     p.add_argument("--table", default="", help="';'-separated variants, one table row each (see the docstring)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak TFLOP/s for MFU")
@@ -279,7 +281,7 @@ def report(args, built, timed) -> dict:
         scan=bool(args.scan),
         split=bool(args.split),
         remat=args.remat,
-        attention=args.attention,
+        attention=layers.check_attention(args.attention),  # the kernel that ran ('auto' resolved)
         grad_barrier=grad_barrier_on,
         params_millions=round(n_params / 1e6, 2),
         compile_s=round(timed["compile_s"], 2),

@@ -93,7 +93,7 @@ def validate_config(config, num_devices: int) -> None:
             f"config.model.remat={config.model.remat!r} is not a remat policy: use one of "
             f"{', '.join(layers.REMAT_POLICIES)}."
         )
-    attention = config.model.get("attention", "xla")
+    attention = config.model.get("attention", "auto")
     if attention not in layers.ATTENTION_IMPLS:
         errors.append(
             f"config.model.attention={attention!r} is not an attention kernel: use one of "
@@ -180,7 +180,7 @@ def build(config, *, num_classes: int | None = None) -> Setup:
         dtype=dtype,
         scan=config.model.get("scan_layers", False),
         remat=config.model.get("remat", "none"),  # checked by validate_config (and by the model itself)
-        attention=config.model.get("attention", "xla"),
+        attention=config.model.get("attention", "auto"),
     )
     return Setup(model=model, clip_config=clip_cfg, init_clip_params=clip_params, tokenizer=tokenizer, info=info)
 

@@ -37,7 +37,7 @@ def setup():
     images = jnp.asarray(rng.standard_normal((3, 32, 32, 3)), jnp.float32)
     text = jnp.asarray(rng.integers(1, 98, (3, 77)), jnp.int32)
     key = jax.random.key(0)
-    model = uit_lib.UIT(clip_config=cfg, num_classes=7)
+    model = uit_lib.UIT(clip_config=cfg, num_classes=7, attention="xla")
     params = jax.jit(lambda k: model.init({"params": k, "dropout": k}, images, text, rng=k))(key)["params"]
     reference = _value_and_grad(model, params, images, text, key)  # the plain loop, computed once
     return cfg, images, text, key, params, reference
@@ -51,10 +51,19 @@ def _value_and_grad(model, params, images, text, key):
     return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
 
-@pytest.mark.parametrize("scan,remat", [(True, "none"), (True, "dots"), (False, "full")])
-def test_scan_and_remat_match_the_loop(setup, scan, remat):
+@pytest.mark.parametrize(
+    "scan,remat,attention",
+    [
+        (True, "none", "xla"),
+        (True, "dots", "xla"),
+        (False, "full", "xla"),
+        (False, "none", "einsum"),
+        (True, "full", "einsum"),
+    ],
+)
+def test_scan_remat_and_kernel_match_the_loop(setup, scan, remat, attention):
     cfg, images, text, key, params, ((loss_ref, out_ref), g_ref) = setup
-    model = uit_lib.UIT(clip_config=cfg, num_classes=7, scan=scan, remat=remat)
+    model = uit_lib.UIT(clip_config=cfg, num_classes=7, scan=scan, remat=remat, attention=attention)
     # Same parameter tree: checkpoints, conversion, lr groups and sharding rules see no difference.
     init = jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, images, text, rng=key))["params"]
     assert jax.tree.structure(init) == jax.tree.structure(params)

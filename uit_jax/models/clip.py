@@ -146,7 +146,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -262,7 +262,7 @@ class TextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, ids):
@@ -293,7 +293,7 @@ class VisionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"
 
     def setup(self):
         c = self.config
@@ -337,7 +337,7 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"
 
     def setup(self):
         c = self.config

@@ -87,7 +87,7 @@ class RestorationDecoder(nn.Module):
     param_dtype: Any = jnp.float32
     scan: bool = False
     remat: str = "none"
-    attention: str = "xla"
+    attention: str = "auto"
 
     def _check_inputs(self, img_tokens, ids_restore, txt_tokens, txt_mask) -> tuple[int, int, int]:
         """Returns (B, N patches, K kept patches), or a ValueError naming the mismatched input."""

@@ -118,15 +118,79 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-# Attention kernels (`attention`): 'xla' is XLA's own softmax(q k^T) v, on every backend; 'cudnn' is cuDNN's fused
-# (flash) attention, GPU only, bfloat16/float16 compute. Same maths; `check_attention` names the valid ones.
-ATTENTION_IMPLS = ("xla", "cudnn")
+# Attention kernels (`attention`), all the same maths:
+# - 'xla': `jax.nn.dot_product_attention`'s XLA path, on every backend;
+# - 'einsum': `einsum_attention`, head-major einsums with a hand-written gradient (faster on XLA:CPU, below);
+# - 'cudnn': cuDNN's fused (flash) attention, CUDA GPUs only, bfloat16/float16 compute;
+# - 'auto' (the default): 'einsum' on CPU, 'xla' elsewhere (GPU and TPU measurements of 'einsum' are still to come).
+ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn")
 
 
 def check_attention(attention: str) -> str:
+    """The kernel `attention` names, with 'auto' resolved for JAX's default backend."""
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"Unknown attention kernel {attention!r}; known: {list(ATTENTION_IMPLS)}.")
+    if attention == "auto":
+        return "einsum" if jax.default_backend() == "cpu" else "xla"
     return attention
+
+
+def _keep_mask(t: int, s: int, mask, causal: bool):
+    """The (B or 1, 1, T, S) bool mask of the logits to keep, or None when every one is kept."""
+    keep = None if mask is None else mask.astype(bool)
+    if causal:
+        tril = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        keep = tril if keep is None else keep & tril
+    return keep
+
+
+@jax.custom_vjp
+def _einsum_attention(q, k, v, keep):
+    return _einsum_attention_fwd(q, k, v, keep)[0]
+
+
+def _einsum_attention_fwd(q, k, v, keep):
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if keep is not None:  # jax.nn.dot_product_attention's fill: finite, so a fully masked row is uniform, not NaN
+        logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1)  # float32, as in jax.nn.dot_product_attention
+    y = jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v)
+    return y, (q, k, v, keep, probs)
+
+
+def _einsum_attention_bwd(res, dy):
+    q, k, v, keep, probs = res
+    scale = q.shape[-1] ** -0.5
+    # The transposed operands of dv and dk are written out (`swapaxes`): XLA:CPU then runs both products as plain
+    # batched matmuls, where autodiff's (contract over the query axis) take an Eigen path about 1.5x slower.
+    dv = jnp.einsum("bnst,bnth->bnsh", jnp.swapaxes(probs, 2, 3).astype(dy.dtype), dy)
+    dp = jnp.einsum("bnth,bnsh->bnts", dy, v, preferred_element_type=jnp.float32)
+    dlogits = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))  # the softmax's vector-Jacobian product
+    if keep is not None:  # masked logits were replaced by a constant: no gradient reaches them
+        dlogits = jnp.where(keep, dlogits, 0.0)
+    ds = (dlogits * scale).astype(q.dtype)
+    dq = jnp.einsum("bnts,bnsh->bnth", ds, k)
+    dk = jnp.einsum("bnst,bnth->bnsh", jnp.swapaxes(ds, 2, 3), q)
+    return dq, dk, dv, None
+
+
+_einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
+
+
+def einsum_attention(q, k, v, mask=None, causal: bool = False):
+    """softmax(q k^T / sqrt(head_dim)) v of q (B, T, N, H) over k, v (B, S, N, H) -> (B, T, N, H).
+
+    `mask` broadcasts to (B, N, T, S), True = attend; `causal` keeps key s <= query t. The same maths, fill value
+    and float32 softmax as `jax.nn.dot_product_attention(..., implementation='xla')`, computed head-major
+    ((B, N, T, H): each head's products are contiguous batched matmuls) with a hand-written gradient. On XLA:CPU
+    (jaxlib 0.10.2, 2 cores) one ViT-B/16 layer's attention at batch 8 (193 tokens), forward and backward, takes
+    33 ms here against 68 ms for 'xla' and 21 ms for PyTorch's `scaled_dot_product_attention` (README,
+    "Benchmarks"). The residuals are q, k, v and the float32 probabilities.
+    """
+    heads = lambda a: jnp.swapaxes(a, 1, 2)
+    keep = _keep_mask(q.shape[1], k.shape[1], mask, causal)
+    return heads(_einsum_attention(heads(q), heads(k), heads(v), keep))
 
 
 def prefix_lengths(kv_mask):
@@ -167,7 +231,7 @@ class Attention(nn.Module):
     causal: bool = False
     in_std: float | None = None
     out_std: float | None = None
-    attention: str = "xla"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -186,10 +250,13 @@ class Attention(nn.Module):
         q = split(dense("q_proj", self.in_std)(x))
         k = split(dense("k_proj", self.in_std)(kv))
         v = split(dense("v_proj", self.in_std)(kv))
-        if check_attention(self.attention) == "cudnn":
+        kernel = check_attention(self.attention)
+        mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
+        if kernel == "cudnn":
             y = cudnn_attention(q, k, v, self.causal, None if kv_mask is None else prefix_lengths(kv_mask))
+        elif kernel == "einsum":
+            y = einsum_attention(q, k, v, mask, self.causal)
         else:
-            mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation="xla")
         return dense("out_proj", self.out_std)(y.reshape(*y.shape[:-2], self.width))
 
@@ -224,7 +291,7 @@ class Block(nn.Module):
     attn_std: float | None = None
     proj_std: float | None = None
     fc_std: float | None = None
-    attention: str = "xla"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -42,7 +42,7 @@ class MLMHead(nn.Module):
     heads: int
     layers: int
     dtype: Any = jnp.float32
-    attention: str = "xla"  # the attention kernel (`layers.ATTENTION_IMPLS`)
+    attention: str = "auto"  # the attention kernel (`layers.ATTENTION_IMPLS`)
 
     @nn.compact
     def __call__(self, txt_tokens, img_tokens):
@@ -80,7 +80,7 @@ class UIT(nn.Module):
     dtype: Any = jnp.float32
     scan: bool = False  # towers' and decoder's layers under jax.lax.scan (`layers.blocks`): compile time
     remat: str = "none"  # 'none' | 'full' | 'dots': per-layer rematerialisation (memory for compute)
-    attention: str = "xla"  # 'xla' | 'cudnn' (GPU, bf16): the attention kernel (`layers.ATTENTION_IMPLS`)
+    attention: str = "auto"  # the attention kernel (`layers.ATTENTION_IMPLS`)
 
     def setup(self):
         cfg = self.clip_config
