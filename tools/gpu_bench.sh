@@ -9,7 +9,8 @@
 #      the align-only step (restoration off), each with XLA's attention and with cuDNN's fused attention; then the
 #      full objective as one program (--split=0) beside the default two (gradient, update).
 #   1b. The full objective with the residual-gradient barrier between blocks forced on (models/layers.py; on by
-#      default on CPU only, where it made the ViT-B/16 step faster), against the default, in one process.
+#      default on CPU only, where it made the ViT-B/16 step faster), and with the 'einsum' attention kernel (the
+#      CPU default, 2x faster than 'xla' there), against the default, in one process.
 #   2. cuDNN's attention against XLA's, both bf16, against a float32 reference (tools/check_attention.py).
 #   3. Retrieval metrics at ICFG-PEDES size, similarities on the accelerator.
 #   4. ViT-L/14 at 378x126 (the vit-l14 variant's shapes), batch 128, scan + full remat.
@@ -62,7 +63,7 @@ fi
 # parameter init, with the benchmark's hardware PRNG, in 10 s (78-88 s with threefry). cuDNN rows first: they
 # are the new measurement, and the XLA rows give the ratio in the same process.
 step 1_b16_attention 460 $py "${b16[@]}" --table='full,attention=cudnn;full;align,attention=cudnn;align;full,split=0'
-step 1b_b16_grad_barrier 200 $py "${b16[@]}" --table='full;full,grad_barrier=1'
+step 1b_b16_cpu_defaults 300 $py "${b16[@]}" --table='full;full,grad_barrier=1;full,attention=einsum'
 step 2_check_attention 150 $py "${check[@]}"
 step 3_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
 step 4_l14 240 $py "${l14[@]}" --scan=1 --remat=full
