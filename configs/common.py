@@ -55,7 +55,7 @@ def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
             # outputs). Trades compute for activation memory (README, "Benchmarks": the memory table).
             remat=v.get("remat", "none"),
             # Attention kernel, the same maths in each: 'auto' ('einsum' on CPU, 'xla' elsewhere), 'xla'
-            # (jax.nn.dot_product_attention), 'einsum' (head-major, hand-written gradient: 2x faster on XLA:CPU)
+            # (jax.nn.dot_product_attention), 'einsum' (head-major, hand-written gradient: 1.7x on XLA:CPU)
             # or 'cudnn' (cuDNN's fused flash attention; CUDA GPUs, bfloat16). README "Benchmarks" has the times.
             attention="auto",
         )

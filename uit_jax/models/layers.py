@@ -163,7 +163,7 @@ def _einsum_attention_bwd(res, dy):
     q, k, v, keep, probs = res
     scale = q.shape[-1] ** -0.5
     # The transposed operands of dv and dk are written out (`swapaxes`): XLA:CPU then runs both products as plain
-    # batched matmuls, where autodiff's (contract over the query axis) take an Eigen path about 1.5x slower.
+    # batched matmuls; autodiff's (contracting over the query axis) ran about 1.5x slower.
     dv = jnp.einsum("bnst,bnth->bnsh", jnp.swapaxes(probs, 2, 3).astype(dy.dtype), dy)
     dp = jnp.einsum("bnth,bnsh->bnts", dy, v, preferred_element_type=jnp.float32)
     dlogits = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))  # the softmax's vector-Jacobian product
