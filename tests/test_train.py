@@ -177,7 +177,10 @@ def test_nonfinite_losses_stop_the_run_with_last_good_checkpoint(data_root, tmp_
         ({"loss.sdm": -1.0}, "must be >= 0"),
         ({"loss.triplet_start_epochs": -1.0}, "triplet_start_epochs=-1.0 must be >= 0"),
         ({"model.remat": "some"}, "config.model.remat='some' is not a remat policy: use one of none, full, dots"),
-        ({"model.attention": "flash"}, "config.model.attention='flash' is not an attention kernel: use one of xla"),
+        (
+            {"model.attention": "flash"},
+            "config.model.attention='flash' is not an attention kernel: use one of auto, xla, einsum, cudnn",
+        ),
         ({"model.attention": "cudnn"}, "attention='cudnn' needs a CUDA GPU, but JAX's backend is 'cpu'"),
         ({"data.image_size": (128,)}, r"image_size=\(128,\) must be \(height, width\)"),
         ({"loss.mlm": 1.0}, "set --config.data.mlm_outputs=True"),
