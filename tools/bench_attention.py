@@ -58,12 +58,7 @@ def _jax_runs(args):
             grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
             inputs = (params, x)
         else:
-            if kernel == "einsum":
-                attn = lambda q, k, v: layers.einsum_attention(q, k, v, causal=args.causal)
-            else:
-                attn = lambda q, k, v, i=kernel: jax.nn.dot_product_attention(
-                    q, k, v, is_causal=args.causal, implementation=i
-                )
+            attn = lambda q, k, v, i=kernel: layers.attend(i, q, k, v, causal=args.causal)
             grad = jax.jit(jax.grad(lambda q, k, v, f=attn: jnp.vdot(f(q, k, v), dy), argnums=(0, 1, 2)))
             inputs = (q, k, v)
         runs[f"jax {kernel}"] = lambda g=grad, a=inputs: jax.block_until_ready(g(*a))

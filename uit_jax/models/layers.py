@@ -193,6 +193,18 @@ def einsum_attention(q, k, v, mask=None, causal: bool = False):
     return heads(_einsum_attention(heads(q), heads(k), heads(v), keep))
 
 
+def attend(kernel: str, q, k, v, kv_mask=None, causal: bool = False):
+    """softmax(q k^T / sqrt(head_dim)) v of q (B, T, N, H) over k, v (B, S, N, H) by the named kernel
+    (`ATTENTION_IMPLS`); `kv_mask` (B, S) is True on the keys to attend (a prefix of each row for 'cudnn')."""
+    kernel = check_attention(kernel)
+    if kernel == "cudnn":
+        return cudnn_attention(q, k, v, causal, None if kv_mask is None else prefix_lengths(kv_mask))
+    mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
+    if kernel == "einsum":
+        return einsum_attention(q, k, v, mask, causal)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+
+
 def prefix_lengths(kv_mask):
     """(B, S) bool key mask that is True on a prefix of each row -> (B,) int32 lengths (cuDNN's padding form)."""
     return kv_mask.astype(jnp.int32).sum(-1)
@@ -250,14 +262,7 @@ class Attention(nn.Module):
         q = split(dense("q_proj", self.in_std)(x))
         k = split(dense("k_proj", self.in_std)(kv))
         v = split(dense("v_proj", self.in_std)(kv))
-        kernel = check_attention(self.attention)
-        mask = None if kv_mask is None else kv_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, S)
-        if kernel == "cudnn":
-            y = cudnn_attention(q, k, v, self.causal, None if kv_mask is None else prefix_lengths(kv_mask))
-        elif kernel == "einsum":
-            y = einsum_attention(q, k, v, mask, self.causal)
-        else:
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation="xla")
+        y = attend(self.attention, q, k, v, kv_mask, self.causal)
         return dense("out_proj", self.out_std)(y.reshape(*y.shape[:-2], self.width))
 
 
