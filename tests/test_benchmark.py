@@ -87,3 +87,24 @@ def test_sen_benchmark_names_a_bad_checkout(tmp_path):
         bench_sen.check_sen_repo(str(bare))
     with pytest.raises(SystemExit):  # argparse: --ours_flags needs --ours
         bench_sen.parse_args(["--sen_repo", str(tmp_path), "--ours_flags=--scan=1"])
+
+
+def test_sen_benchmark_records_the_host_cpu(monkeypatch):
+    """The SEN ratio differs from host to host, so the record names the CPU: model, vendor, cores, vector ISA."""
+    import builtins
+    import io
+
+    from tools import bench_sen
+
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f\n\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f\n"
+    )
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        return io.StringIO(cpuinfo) if path == "/proc/cpuinfo" else real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(bench_sen.os, "cpu_count", lambda: 2)
+    assert bench_sen.cpu_model() == "AMD EPYC 9B14 (AuthenticAMD), 2 cores, avx2 avx512f"

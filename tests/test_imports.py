@@ -26,6 +26,7 @@ MODULES = [
     "uit_jax.report",
     "uit_jax.data.images",
     "uit_jax.compile_cache",
+    "uit_jax.host_memory",
     "uit_jax.faults",
 ]
 ABSENT = ["tensorflow", "tensorflow_datasets", "clu", "ml_collections", "torch"]

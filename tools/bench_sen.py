@@ -62,6 +62,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -394,6 +395,22 @@ def table(sen: dict, ours: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The host's CPU, for the record: the SEN ratio differs from host to host (README, "Benchmarks")."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    vendor = fields.get("vendor_id")
+    isa = [x for x in ("avx2", "avx512f", "amx_tile") if x in fields.get("flags", "").split()]
+    return f"{name}{f' ({vendor})' if vendor else ''}, {os.cpu_count()} cores, {' '.join(isa) or 'no avx2'}"
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_sen_repo(args.sen_repo)  # before a long run of ours
@@ -404,10 +421,10 @@ def main(argv=None):
             gc.collect()  # before ours runs beside this process
         else:
             ours = [run_ours(args, extra) for extra in args.ours_flags or [""]]
-    out = dict(sen)
+    out = dict(sen, cpu=cpu_model())
     if ours:
         text = table(sen, ours)
-        print(f"\nbatch {args.batch}, {args.size[0]}x{args.size[1]}, float32, CPU, order {args.order}\n{text}")
+        print(f"\nbatch {args.batch}, {args.size[0]}x{args.size[1]}, float32, {out['cpu']}, order {args.order}\n{text}")
         for o in ours:
             o["over_sen_step"] = round(o["median_step_s"] / sen["median_step_s"], 4)
         out.update(ours=ours, ours_over_sen_step=ours[0]["over_sen_step"])

@@ -76,6 +76,12 @@ def parse_args(argv=None):
         help="residual-gradient barrier between blocks (models/layers.py): auto (CPU only) | 1 | 0",
     )
     p.add_argument(
+        "--host_malloc",
+        default=None,
+        choices=("auto", "0", "1"),
+        help="glibc malloc settings for XLA:CPU (uit_jax/host_memory.py; default: $UIT_JAX_MALLOC, else auto)",
+    )
+    p.add_argument(
         "--attention", default="auto", help="attention kernel: auto|xla|einsum|cudnn (layers.ATTENTION_IMPLS)"
     )
     p.add_argument("--aot", action="store_true", help="compile from abstract shapes and report memory; run nothing")
@@ -283,6 +289,7 @@ def report(args, built, timed) -> dict:
         remat=args.remat,
         attention=layers.check_attention(args.attention),  # the kernel that ran ('auto' resolved)
         grad_barrier=grad_barrier_on,
+        host_malloc=args.host_malloc,  # what main() applied (uit_jax.host_memory)
         params_millions=round(n_params / 1e6, 2),
         compile_s=round(timed["compile_s"], 2),
         init_s=None if built["init_s"] is None else round(built["init_s"], 2),
@@ -372,8 +379,12 @@ def table(rows: list[tuple[str, dict]], aot: bool) -> str:
 
 
 def main(argv=None):
+    from uit_jax import compile_cache, host_memory  # noqa: PLC0415
+
     args = parse_args(argv)
-    from uit_jax import compile_cache  # noqa: PLC0415
+    if args.host_malloc is not None:
+        os.environ[host_memory.ENV] = args.host_malloc
+    args.host_malloc = host_memory.enable()  # before JAX starts its threads: process-wide, not per variant
 
     compile_cache.enable()  # a second run of the same benchmark loads its programs (UIT_JAX_CACHE= turns it off)
     if args.table:

@@ -66,6 +66,9 @@ class _OwnInfoOnly(pylogging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from uit_jax import host_memory
+
+    malloc = host_memory.enable()  # first: before TensorFlow and JAX start their threads
     if not _LIB_LOGS.value:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -92,6 +95,7 @@ def main(argv):
         jax.default_backend(),
     )
     logging.info("Compilation cache: %s", cache or f"off ({compile_cache.ENV} is empty)")
+    logging.info("Host malloc: %s", malloc)
     from uit_jax import train
 
     try:
