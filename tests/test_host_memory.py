@@ -140,3 +140,15 @@ def test_cpu_backend_from_installed_plugins(monkeypatch, tmp_path):
     assert host_memory._cpu_backend() is False
     (tmp_path / "xla_cuda13").rmdir()
     assert host_memory._cpu_backend() is True
+
+
+def test_main_logs_the_setting_and_names_a_bad_value(tmp_path):
+    """`python -m uit_jax.main` applies it first and logs it; a bad UIT_JAX_MALLOC stops the run with one sentence
+    before any work (the eval here would fail later anyway: the folder holds no run)."""
+    cmd = [sys.executable, "-m", "uit_jax.main", "--mode=eval", f"--workdir={tmp_path / 'wd'}"]
+    for value, expected in (("auto", "Host malloc: on"), ("yes", "Fatal: ValueError: UIT_JAX_MALLOC='yes': use 0")):
+        env = {**os.environ, host_memory.ENV: value, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert expected in out.stderr, out.stderr[-2000:]
+    assert "Host malloc" not in out.stderr  # the bad value stopped it before JAX started

@@ -68,7 +68,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from uit_jax import host_memory
 
-    malloc = host_memory.enable()  # first: before TensorFlow and JAX start their threads
+    try:
+        malloc = host_memory.enable()  # first: before TensorFlow and JAX start their threads
+    except ValueError as e:  # a bad UIT_JAX_MALLOC: one sentence, no traceback
+        _fatal(e)
     if not _LIB_LOGS.value:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
