@@ -3,7 +3,7 @@
 XLA:CPU allocates the temporaries of an execution as one block and frees it when the execution ends (ViT-B/16,
 batch 8, float32: 2.3 GB for the gradient program and 0.8 GB for the update, every step). The execution runs on a
 worker thread, and a glibc worker-thread arena cannot hold a block over 64 MB, so glibc maps a fresh one with mmap
-and unmaps it on free: every step the kernel faults in and zeroes those gigabytes page by page (2-3.5 s of system
+and unmaps it on free: every step the kernel faults in and zeroes those gigabytes page by page (2.0-3.8 s of system
 CPU time per ViT-B/16 batch-8 step on 2 cores, by getrusage). `enable()` sends every thread to the main arena
 (M_ARENA_MAX 1), serves large blocks from its heap (M_MMAP_MAX 0) and never gives the heap's top back
 (M_TRIM_THRESHOLD), so later steps reuse the same pages. The mini default's step gains 12-13%; README
