@@ -63,9 +63,9 @@ def enable() -> str:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return "off (not glibc)"
     if value == "auto" and not _cpu_backend():
-        return "off (JAX has a GPU/TPU plugin; UIT_JAX_MALLOC=1 forces it)"
+        return f"off (JAX computes on an accelerator: JAX_PLATFORMS or a GPU/TPU plugin; {ENV}=1 forces it)"
     libc = ctypes.CDLL(None)
     ok = [libc.mallopt(M_ARENA_MAX, 1), libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, _NEVER_TRIM)]
     if not all(ok):
-        return f"off (mallopt refused: {ok})"
+        return f"not fully applied (mallopt returned {ok} for arena, mmap, trim)"
     return "on (one arena, no mmap, no trim: step buffers stay mapped)"
