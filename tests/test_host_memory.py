@@ -11,6 +11,9 @@ from uit_jax import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+# The settings are glibc's mallopt; on another C library enable() leaves malloc alone (tested below), so the two
+# tests of their effect have nothing to measure there.
+NOT_GLIBC = "glibc's mallopt only: other C libraries are left alone (test_other_c_libraries_are_left_alone)"
 
 # Each call returns a fresh 128 MiB array (an output buffer XLA:CPU allocates per execution) and the previous one
 # is deleted; minor page faults per call count the pages the kernel had to map and zero for it. The first calls
@@ -41,7 +44,7 @@ def _faults(value):
     return lines[0], [int(line.split()[1]) for line in lines[1:]]
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+@pytest.mark.skipif(not GLIBC, reason=NOT_GLIBC)
 def test_enable_keeps_buffers_mapped_between_executions():
     state_off, off = _faults("0")
     state_on, on = _faults("1")
@@ -85,7 +88,7 @@ print(out[0])
 """
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+@pytest.mark.skipif(not GLIBC, reason=NOT_GLIBC)
 def test_a_worker_threads_large_block_comes_from_the_heap_not_mmap():
     """The mechanism itself, by glibc's own count (mallinfo2's bytes in mmapped blocks): a 256 MiB block that a
     new thread allocates is mmapped (the count grows by it) without the settings and taken from the heap with them."""
@@ -105,6 +108,12 @@ def test_off_and_bad_values(monkeypatch):
     monkeypatch.setenv(host_memory.ENV, "yes")
     with pytest.raises(ValueError, match=r"UIT_JAX_MALLOC='yes': use 0 \(off\), 1 \(on\) or auto"):
         host_memory.enable()
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    monkeypatch.setenv(host_memory.ENV, "1")
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert host_memory.enable() == "off (not glibc)"
 
 
 @pytest.mark.parametrize(
