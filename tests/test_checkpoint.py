@@ -186,3 +186,52 @@ def test_step_flag_of_export_and_search():
     with pytest.raises(SystemExit) as e:  # a usage error (argparse, exit code 2), before any file is touched
         export.main(["--workdir=/nonexistent", "--out=/nonexistent/out", "--step=-3"])
     assert e.value.code == 2
+
+
+def test_checkpoints_keep_the_unrolled_layout_and_restore_into_either(tmp_path):
+    """A run with its layers stacked (scan) saves one subtree per layer, like every other run, so a checkpoint
+    written either way resumes either way, sharded: switching `scan_layers` keeps a workdir's checkpoints."""
+    from uit_jax import optim, sharding
+
+    rng = np.random.default_rng(0)
+    layer = lambda: {"kernel": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "bias": jnp.zeros(4)}  # noqa: E731
+    flat = {"encoder": {f"layers_{i}": layer() for i in range(3)}, "head": {"w": jnp.ones(5)}}
+    layers = [flat["encoder"][f"layers_{i}"] for i in range(3)]
+    stacked_params = {"encoder": {"layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}, "head": flat["head"]}
+    tx = optim.make_optimizer(flat, schedule=1e-3)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+
+    def on_mesh(params):
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(7)}
+        state = jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x, state)  # non-zero moments
+        sh = sharding.shardings_for(sharding.param_partition_specs(state, ((".*", "fsdp"),), mesh), mesh)
+        state = jax.device_put(state, sh)
+        return state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+    flat_state, flat_abstract = on_mesh(flat)
+    stacked_state, stacked_abstract = on_mesh(stacked_params)
+    assert stacked_abstract["params"]["encoder"]["layers"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp"
+    )
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(1, stacked_state, {})
+    ckpt.wait()
+    on_disk = ckpt.manager.item_metadata(1)["state"]["params"]["encoder"]
+    assert sorted(on_disk) == ["layers_0", "layers_1", "layers_2"] and on_disk["layers_2"]["kernel"].shape == (8, 4)
+    read = ckpt_lib.read_state(str(tmp_path / "ck"), "latest").state  # what export and search read: stacked
+    for x, y in zip(jax.tree.leaves(read), jax.tree.leaves(stacked_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def check(step, abstract, want):
+        got = ckpt.restore(step, abstract).state
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert x.sharding == y.sharding
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    check(1, stacked_abstract, stacked_state)
+    check(1, flat_abstract, flat_state)
+    ckpt.save(2, flat_state, {})  # an unrolled run's checkpoint resumes a stacked one
+    ckpt.wait()
+    check(2, stacked_abstract, stacked_state)
+    ckpt.close()

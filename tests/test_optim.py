@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from uit_jax import optim
+from uit_jax.models import stacking
 
 SHAPES = {
     "classifier": {"kernel": (3, 4), "bias": (4,)},
@@ -255,9 +256,10 @@ def test_config_groups_for_vit_b16_follow_sen():
     )
     images, ids = jnp.zeros((1, 384, 128, 3)), jnp.zeros((1, 77), jnp.int32)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, ids, rng=jax.random.key(1), mlm_text=ids))
-    params = params["params"]
+    stacked = params["params"]
+    params = stacking.unstack(stacked)  # by layer, as SEN names its parameters
     kw = optim.config_kwargs(config.optim)
-    print("\n" + optim.describe_groups(params, **kw))  # pytest -s shows the groups
+    print("\n" + optim.describe_groups(stacked, **kw))  # pytest -s shows the groups
     decoder = dict(ln_img="norm_1", ln_txt="norm_2", embed="decoder_embed", ln_q="norm_4", ln_cross="norm_6")
     decoder.update(cross_attn="cross_attn_Text", ln_post="norm_7", pred="decoder_pred")
 
@@ -276,6 +278,12 @@ def test_config_groups_for_vit_b16_follow_sen():
     mult = _flat(optim.lr_multipliers(params, kw["lr_rules"]))
     mask = _flat(optim.decay_mask(params, kw["no_decay_rules"]))
     assert len(mult) > 400
+    # The model's own (stacked) tree gets each layer's groups: the rules never name a layer.
+    by_group = _flat(optim.lr_multipliers(stacked, kw["lr_rules"]))
+    decays = _flat(optim.decay_mask(stacked, kw["no_decay_rules"]))
+    for name in mult:
+        group = re.sub(r"\b(layers|cross_layers)_\d+\b", r"\1", name)
+        assert (by_group[group], decays[group]) == (mult[name], mask[name]), name
     for name in mult:
         assert (mult[name], mask[name]) == sen(reference_name(name)), (name, reference_name(name))
     # every group SEN has is present: the new modules x5 (with decay), biases x2 without, the CLIP towers x1

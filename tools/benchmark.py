@@ -62,7 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="compute dtype: auto|float32|bfloat16")
     p.add_argument("--objectives", default="full", help="'full' (SDM+ID+triplet+restoration) or 'align' (no TIR)")
     p.add_argument("--fsdp", type=int, default=1, help="size of the fsdp mesh axis")
-    p.add_argument("--scan", type=int, default=0, help="1: layers under jax.lax.scan; 0: a loop (the default config)")
+    p.add_argument(
+        "--scan", type=int, default=0, help="1: layers in a rolled jax.lax.scan; 0: unrolled (the default config)"
+    )
     p.add_argument("--remat", default="none", help="per-layer rematerialisation: none|full|dots")
     p.add_argument(
         "--split",

@@ -5,8 +5,9 @@ by validation R1 (for the final test). Orbax's `max_to_keep` together with `best
 checkpoint (docs/design.md), so preservation is `AnyPreservationPolicy([LatestN(1), BestN(1)])`.
 
 Each checkpoint has two items: `state` (the sharded pytree, restored into an abstract state that carries shapes,
-dtypes and shardings, so every process reads only its shards) and `meta` (JSON: the config name, total steps, epoch,
-the validation R1 of that step, and a fingerprint of the state).
+dtypes and shardings, so every process reads only its shards; with one subtree per layer, as Hugging Face names them,
+though the model stacks its layers: `models/stacking.py`) and `meta` (JSON: the config name, total steps, epoch, the
+validation R1 of that step, and a fingerprint of the state).
 
 Trust: the fingerprint (per leaf, a weighted sum of its raw bits as uint32, modulo 2^32: exact and independent of the
 reduction order) is taken on the device when saving and checked after every restore, so bytes changed on disk are
@@ -28,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from uit_jax import faults
+from uit_jax.models import stacking
 
 BEST_METRIC = "val_r1"
 
@@ -82,6 +84,18 @@ def _os_error(e: BaseException) -> OSError | None:
     return None
 
 
+_unstack = jax.jit(stacking.unstack)
+
+
+def _stack(tree, shardings):
+    return jax.jit(stacking.stack, out_shardings=shardings)(tree)
+
+
+def _unrolled(state):
+    """`state` in the layout checkpoints keep, one subtree per layer (a copy on the devices when it is stacked)."""
+    return _unstack(state) if stacking.has_stacked(state) else state
+
+
 def fingerprint(tree) -> list[int]:
     return [int(v) for v in jax.device_get(_fingerprint(tree))]
 
@@ -112,8 +126,8 @@ def read_state(directory: str, which: str | int = "best") -> Restored:
     """Reads a checkpoint without knowing the model: `which` is 'best' (by validation R1), 'latest' or a step.
 
     For export and search: opens the folder read-only (creates and deletes nothing), restores the state as
-    single-device arrays in the shapes it was written with (any mesh it was trained on), and checks its
-    fingerprint. Raises FileNotFoundError when there is no such checkpoint.
+    single-device arrays in the shapes it was written with (any mesh it was trained on), checks its fingerprint,
+    and stacks its layers as the models hold them. Raises FileNotFoundError when there is no such checkpoint.
     """
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
@@ -151,7 +165,7 @@ def read_state(directory: str, which: str | int = "best") -> Restored:
         )
         meta = dict(out["meta"] or {})
         _check_fingerprint(step, out["state"], meta)
-        return Restored(state=out["state"], step=step, meta=meta)
+        return Restored(state=stacking.stack(out["state"]), step=step, meta=meta)
     finally:
         manager.close()
 
@@ -201,6 +215,7 @@ class Checkpointer:
                 self.latest_step(),
             )
             return False
+        state = _unrolled(state)
         metrics = None if val_r1 is None else {BEST_METRIC: float(val_r1)}
         meta = dict(meta, step=int(step), **({BEST_METRIC: float(val_r1)} if val_r1 is not None else {}))
         meta["fingerprint"] = fingerprint(state)
@@ -242,16 +257,24 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> Restored:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`), and
-        checks its fingerprint; raises CheckpointError when it does not match what was written."""
+        checks its fingerprint; raises CheckpointError when it does not match what was written.
+
+        Checkpoints hold the layers unrolled (`save`); a state with stacked layers (every model's since the stacked
+        layout) is read unrolled and stacked on the devices, so checkpoints written before it load as well."""
         faults.point("restore")
         out = self.manager.restore(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(stacking.unstack(abstract_state)), meta=ocp.args.JsonRestore()
+            ),
         )
         meta = dict(out["meta"] or {})
-        _check_fingerprint(step, out["state"], meta)
+        state = out["state"]
+        _check_fingerprint(step, state, meta)
+        if stacking.has_stacked(abstract_state):
+            state = _stack(state, jax.tree.map(lambda x: x.sharding, abstract_state))
         logging.info("Restored checkpoint %d from %s", step, self.directory)
-        return Restored(state=out["state"], step=int(step), meta=meta)
+        return Restored(state=state, step=int(step), meta=meta)
 
     def restore_latest_intact(self, abstract_state) -> Restored | None:
         """The newest checkpoint that restores and checks out; None when there is none at all.

@@ -30,6 +30,7 @@ import numpy as np
 
 from uit_jax.data import images as images_lib
 from uit_jax.data import tokenizer as tok_lib
+from uit_jax.models import stacking
 
 DEFAULT_IMAGE_SIZE = (384, 128)
 
@@ -105,7 +106,8 @@ class Retriever:
         """Identifies the weights and preprocessing (an index remembers it, so it is never mixed with another)."""
         if not hasattr(self, "_fingerprint"):
             h = hashlib.sha256()
-            for x in jax.tree.leaves(self.params):
+            # Layer by layer (the layout of checkpoints), so indexes built before the stacked layout still match.
+            for x in jax.tree.leaves(stacking.unstack(self.params)):
                 h.update(np.asarray(x).tobytes())
             h.update(json.dumps([self.image_size, self.mean, self.std]).encode())
             self._fingerprint = h.hexdigest()[:16]

@@ -16,6 +16,8 @@ import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from uit_jax.models import stacking
+
 DATA_AXES = ("data", "fsdp")  # mesh axes the batch's leading dimension is split over, when present
 FSDP = "fsdp"  # rule keyword and mesh axis name
 REPLICATE = "replicate"  # rule keyword: explicitly replicated
@@ -116,6 +118,8 @@ def param_partition_specs(
     'clip/vision/.*/kernel'); the first matching rule wins; unmatched leaves are replicated. `spec` is a
     PartitionSpec, 'replicate', or 'fsdp': shard the largest dimension divisible by the mesh's fsdp axis
     (replicated when none is, or when the mesh has no fsdp axis, so one rule set serves data-only meshes).
+    Inside a stacked layer group (`models/stacking.py`: `layers`, `cross_layers`, layers under scan) a rule's spec
+    is for one layer's shape, and the leading layer axis is left unsharded.
     """
     compiled = []
     for pattern, spec in rules:
@@ -125,9 +129,7 @@ def param_partition_specs(
             )
         compiled.append((re.compile(pattern), pattern, spec))
 
-    def spec_for(path, leaf):
-        name = _path_name(path)
-        shape = tuple(np.shape(leaf))
+    def layer_spec(name, shape):
         for regex, pattern, spec in compiled:
             if regex.fullmatch(name):
                 if spec == REPLICATE:
@@ -137,6 +139,16 @@ def param_partition_specs(
                 _check_spec(name, shape, spec, mesh, pattern)
                 return spec
         return PartitionSpec()
+
+    def spec_for(path, leaf):
+        name = _path_name(path)
+        shape = tuple(np.shape(leaf))
+        if not stacking.in_group(path):
+            return layer_spec(name, shape)
+        # A stacked layer group (layers under scan): the rule describes one layer; the layer axis stays whole, as
+        # each scan step reads one layer.
+        spec = layer_spec(name, shape[1:])
+        return PartitionSpec(None, *spec) if spec else spec
 
     return jax.tree_util.tree_map_with_path(spec_for, params)
 

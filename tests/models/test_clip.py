@@ -214,7 +214,12 @@ def test_random_init_matches_loaded_shapes(native):
     pos = abstract["vision_model"]["embeddings"]["position_embedding"]["embedding"]
     assert pos.shape == (1 + 24 * 8, 256)
     tiny = jax.eval_shape(lambda: random_clip_params(clip.CLIP(clip.PRESETS["tiny"]), jax.random.key(1)))
-    assert tiny["text_model"]["encoder"]["layers_1"]["mlp"]["fc1"]["kernel"].shape == (40, 72)
+    # The layers stacked: (layers, in, out).
+    assert tiny["text_model"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"].shape == (
+        clip.PRESETS["tiny"].text_layers,
+        40,
+        72,
+    )
 
 
 def test_config():

@@ -11,6 +11,7 @@ import torch
 from torch import nn as tnn
 
 from tests import numerics
+from uit_jax.models import stacking
 from uit_jax.models.decoder import RestorationDecoder, sincos_pos_embed_2d
 
 # Tiny config shared by the tests: 3 x 2 patch grid, 2 x 2 patches.
@@ -303,6 +304,7 @@ def _copy_mha(dst, src):
 
 
 def _sen_from_ours(params, layers, residual, kdim):
+    params = stacking.unstack(params)  # one subtree per layer, as SEN's resblocks
     ref = _SenDecoder(WIDTH, HEADS, layers, PATCH_DIM, sincos_pos_embed_2d(WIDTH, GRID), residual, kdim)
     for ours, theirs in [("ln_img", "norm_1"), ("ln_txt", "norm_2"), ("ln_q", "norm_4")]:
         _copy_ln(getattr(ref, theirs), params[ours])

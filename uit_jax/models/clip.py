@@ -1,7 +1,8 @@
 """CLIP dual encoder in Flax Linen: text and vision transformers, projections, patch dropping (modules only).
 
-Submodule names mirror the Hugging Face `CLIPModel` key paths (`text_model/encoder/layers_3/self_attn/q_proj`
-is `text_model.encoder.layers.3.self_attn.q_proj`), so `convert.py` is a rename plus transposes.
+Submodule names mirror the Hugging Face `CLIPModel` key paths, with each tower's layers stacked on a leading axis
+(`text_model/encoder/layers/self_attn/q_proj`, layer 3 of which is `text_model.encoder.layers.3.self_attn.q_proj`;
+`stacking.py`), so `convert.py` is a rename, transposes and a stack.
 
 Shapes: B batch, L text length, N = gh * gw image patches, K kept patches, D tower width, E embed_dim.
 Weights are loaded (Hugging Face / OpenAI checkpoints, position-embedding resize) by `convert.load`.
@@ -133,7 +134,7 @@ def config_from_preset(name: str, **overrides) -> CLIPConfig:
 
 
 class Encoder(nn.Module):
-    """`layers` pre-LN blocks named `layers_{i}`; `scan` / `remat` as in `layers.blocks` (same parameters)."""
+    """`layers` pre-LN blocks, their parameters stacked as `layers`; `scan` / `remat` as in `layers.blocks`."""
 
     width: int
     layers: int
@@ -327,9 +328,9 @@ class VisionModel(nn.Module):
 class CLIP(nn.Module):
     """CLIP with both towers and their projections; see `encode_text` / `encode_image` for the outputs.
 
-    `scan` runs each tower's layers under `jax.lax.scan` (one layer compiled, not 12 or 24) and `remat` picks a
-    rematerialisation policy per layer (`layers.REMAT_POLICIES`); `attention` the kernel (`layers.ATTENTION_IMPLS`).
-    None of them changes the parameters or the maths.
+    `scan` runs each tower's layers as a rolled `jax.lax.scan` (one layer compiled, not 12 or 24) rather than
+    unrolled, and `remat` picks a rematerialisation policy per layer (`layers.REMAT_POLICIES`); `attention` the
+    kernel (`layers.ATTENTION_IMPLS`). None of them changes the parameters or the maths.
     """
 
     config: CLIPConfig

@@ -2,7 +2,7 @@
 
 Everything here works on numpy arrays; torch is imported only to read `.bin` / `.pt` files, TensorFlow never.
 An OpenAI state dict is first renamed to Hugging Face keys, so one function (`from_hf_state_dict`) builds
-params.
+params. State dicts list each layer apart (`layers.3.`); our params stack a tower's layers (`stacking.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from uit_jax.models import stacking
 from uit_jax.models.clip import CLIP, CLIPConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
@@ -144,7 +145,7 @@ def _expected_shapes(config: CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...
     images = jnp.zeros((1, *config.image_size, 3), jnp.float32)
     ids = jnp.zeros((1, config.text_len), jnp.int32)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), images, ids)["params"])
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    flat = jax.tree_util.tree_flatten_with_path(stacking.unstack(abstract))[0]  # by layer, as state dicts are
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
@@ -165,7 +166,8 @@ def _hf_key_to_path(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.nd
 
 
 def from_hf_state_dict(sd: dict[str, np.ndarray], config: CLIPConfig) -> dict:
-    """Params (nested dict of float32 numpy arrays) from a Hugging Face `CLIPModel` state dict.
+    """Params (nested dict of float32 numpy arrays, each tower's layers stacked) from a Hugging Face `CLIPModel`
+    state dict.
 
     Vision position embeddings on a different grid than `config.grid` are resized (`resize_pos_embed`).
     """
@@ -200,7 +202,7 @@ def from_hf_state_dict(sd: dict[str, np.ndarray], config: CLIPConfig) -> dict:
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = value
-    return nested
+    return stacking.stack(nested)
 
 
 _OPENAI_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
@@ -426,7 +428,7 @@ def config_dict(config: CLIPConfig) -> dict:
 def to_hf_state_dict(params: dict) -> dict[str, np.ndarray]:
     """Our CLIP params -> a Hugging Face `CLIPModel` state dict (numpy); the inverse of `from_hf_state_dict`."""
     sd = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stacking.unstack(params))[0]:
         *mods, name = (k.key for k in path)
         value = np.asarray(leaf, np.float32)
         if name == "scale" or name == "embedding":

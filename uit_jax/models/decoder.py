@@ -15,10 +15,10 @@ the text keeps its own width (keys/values are projected from E_t to `width`, lik
 
 Parameter names: ``ln_img``/``ln_txt`` (SEN ``norm_1``/``norm_2``), ``embed`` (``decoder_embed``),
 ``mask_token``, ``ln_q`` (``norm_4``), ``cross_attn`` (``cross_attn_Text``), ``ln_cross`` (``norm_6``),
-``cross_layers_{i}`` (``cross_modal_transformer_mae.resblocks.{i}``), ``ln_post`` (``norm_7``), ``pred``
-(``decoder_pred``). SEN's x5 learning rate hits every name containing ``cross``; ours keep that property.
-Blocks are `layers.Block`, with HF CLIP's sub-names (``layer_norm1``, ``self_attn/{q,k,v,out}_proj``,
-``layer_norm2``, ``mlp/fc1``, ``mlp/fc2``) like the CLIP towers.
+``cross_layers`` (``cross_modal_transformer_mae.resblocks``, stacked: layer i is ``resblocks.{i}``), ``ln_post``
+(``norm_7``), ``pred`` (``decoder_pred``). SEN's x5 learning rate hits every name containing ``cross``; ours
+keep that property. Blocks are `layers.Block`, with HF CLIP's sub-names (``layer_norm1``,
+``self_attn/{q,k,v,out}_proj``, ``layer_norm2``, ``mlp/fc1``, ``mlp/fc2``) like the CLIP towers.
 """
 
 from typing import Any
@@ -71,7 +71,8 @@ class RestorationDecoder(nn.Module):
       residual: False (SEN) replaces x by the cross-attention output; True adds it to x.
       act: MLP activation, 'quick_gelu' (CLIP), 'gelu' or 'gelu_tanh'.
       dtype: compute dtype; LayerNorms run in float32. param_dtype: parameter dtype.
-      scan, remat: how the `layers` blocks run (`layers.blocks`); the parameters and the maths are the same.
+      scan, remat: how the `layers` blocks run (`layers.blocks`: rolled or unrolled, rematerialised or not); the
+        parameters and the maths are the same.
       attention: the attention kernel (`layers.ATTENTION_IMPLS`), cross-attention included.
     """
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from uit_jax.models import stacking
+
 Dtype = Any
 
 # OpenAI CLIP's pixel statistics (the data pipelines normalise with them; the grayscale view undoes them).
@@ -336,7 +338,7 @@ GRAD_BARRIER_ENV = "UIT_JAX_GRAD_BARRIER"
 
 
 def grad_barrier_enabled() -> bool:
-    """Whether `blocks` puts `residual_grad_barrier` between blocks: $UIT_JAX_GRAD_BARRIER (1/0), else CPU only."""
+    """Whether `blocks` puts `residual_grad_barrier` before each block: $UIT_JAX_GRAD_BARRIER (1/0), else CPU only."""
     value = os.environ.get(GRAD_BARRIER_ENV, "auto").strip().lower()
     if value in ("1", "on", "true"):
         return True
@@ -381,40 +383,34 @@ def check_remat(remat: str) -> str:
 
 
 def blocks(parent: nn.Module, x, count: int, prefix: str, *, scan: bool = False, remat: str = "none", **block_kw):
-    """Runs `count` Blocks named `{prefix}{i}` (children of `parent`, called from its compact method) on x.
+    """Runs `count` Blocks (children of `parent`, called from its compact method) on x.
 
-    The parameters always live unrolled, one subtree per layer (`layers_0`, `layers_1`, ...: the Hugging Face
-    layout that conversion, checkpoints, lr groups and sharding rules read), whatever the options:
-      scan=False: a Python loop, one copy of the block in the program per layer;
-      scan=True: the per-layer parameters are stacked and one block runs under `jax.lax.scan`, so XLA compiles a
-        single layer (compile time no longer grows with depth); numerically the same function.
+    The layers' parameters live stacked, one subtree named `{prefix}` without its '_' (`layers`) whose leaves carry
+    a leading layer axis (`stacking.py`; checkpoints and Hugging Face state dicts hold them unrolled, `layers_0`,
+    ...). They run under Flax's `nn.scan` (`jax.lax.scan`) either way:
+      scan=False: unrolled, one copy of the block per layer in the program, each reading its layer's slice
+        (XLA:CPU runs this fastest: README, "Benchmarks");
+      scan=True: rolled, one copy of the block in a loop, so compile time does not grow with depth.
+    The same function either way, and the same parameters.
       remat: 'none' | 'full' | 'dots' (`REMAT_POLICIES`): recompute the block's activations in the backward pass
         instead of keeping them (memory for compute), per block.
-    Initialisation always takes the loop (it creates the parameters). In the loop, `residual_grad_barrier` sits
-    between blocks where `grad_barrier_enabled()` (CPU by default); under scan the loop itself materialises it.
+    Unrolled, `residual_grad_barrier` sits before each block where `grad_barrier_enabled()` (CPU by default); rolled,
+    the loop itself materialises the residual's gradient.
     """
     policy = REMAT_POLICIES[check_remat(remat)]
-    if not scan or count < 2 or parent.is_initializing():
-        cls = Block if remat == "none" else nn.remat(Block, policy=policy)
-        barrier = grad_barrier_enabled()
-        for i in range(count):
-            if barrier and i > 0:
-                x = residual_grad_barrier(x)
-            x = cls(**block_kw, name=f"{prefix}{i}")(x)
+    if count == 0:
         return x
-    params = parent.variables["params"]
-    missing = [f"{prefix}{i}" for i in range(count) if f"{prefix}{i}" not in params]
-    if missing:
-        raise ValueError(f"{parent.name or type(parent).__name__}: no parameters for block(s) {missing}.")
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"{prefix}{i}"] for i in range(count)])
-    block = Block(**block_kw, parent=None)  # unbound: applied as a pure function of one layer's parameters
+    # Rolled, XLA cannot merge a recomputation with the forward pass, so the CSE guard is not needed there.
+    cls = Block if remat == "none" else nn.remat(Block, policy=policy, prevent_cse=not scan)
+    barrier = not scan and grad_barrier_enabled()
 
-    def body(h, p):
-        return block.apply({"params": p}, h), None
+    def body(block, h, _):
+        return block(residual_grad_barrier(h) if barrier else h), None
 
-    if policy is not None:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, stacked)
+    run = nn.scan(
+        body, variable_axes={"params": 0}, split_rngs={"params": True}, length=count, unroll=1 if scan else count
+    )
+    x, _ = run(cls(**block_kw, name=stacking.stacked_name(prefix)), x, None)
     return x
 
 

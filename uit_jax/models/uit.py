@@ -56,8 +56,18 @@ class MLMHead(nn.Module):
         x = layers.Attention(
             self.width, self.heads, in_std=std["attn_std"], out_std=std["proj_std"], name="cross_attn", **att, **kw
         )(q, kv)
-        for i in range(self.layers):
-            x = layers.Block(self.width, self.heads, 4 * self.width, name=f"cross_layers_{i}", **std, **att, **kw)(x)
+        x = layers.blocks(
+            self,
+            x,
+            self.layers,
+            "cross_layers_",
+            width=self.width,
+            heads=self.heads,
+            mlp=4 * self.width,
+            **std,
+            **att,
+            **kw,
+        )
         x = ln("ln_post")(x)
         dense = lambda n, s, name: layers.Dense(n, kernel_init=nn.initializers.normal(s), name=name, **kw)
         x = layers.quick_gelu(dense(self.width, std["fc_std"], "dense")(x))
@@ -78,7 +88,7 @@ class UIT(nn.Module):
     use_mlm: bool = False
     mlm_layers: int = 4
     dtype: Any = jnp.float32
-    scan: bool = False  # towers' and decoder's layers under jax.lax.scan (`layers.blocks`): compile time
+    scan: bool = False  # the towers' and decoder's layers as a rolled jax.lax.scan (`layers.blocks`), not unrolled
     remat: str = "none"  # 'none' | 'full' | 'dots': per-layer rematerialisation (memory for compute)
     attention: str = "auto"  # the attention kernel (`layers.ATTENTION_IMPLS`)
 
