@@ -46,10 +46,11 @@ def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
             decoder_residual=False,  # SEN drops the residual around the text cross-attention; True keeps it.
             mlm_layers=4,  # IRRA-style MLM head depth (only built when loss.mlm > 0).
             dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
-            # Each tower's (and the decoder's) layers under jax.lax.scan: XLA compiles one layer, not 12/24. Same
-            # parameters, same maths (models/layers.blocks). Off by default: on CPU it did not shorten the ViT-B/16
-            # train step's compile (mostly outside the layers' gradient) and slowed the mini step (README,
-            # "Benchmarks"); on GPU it is still to be measured. The vit-l14 variant turns it on, for remat.
+            # Each tower's (and the decoder's) layers as a rolled jax.lax.scan rather than unrolled: XLA compiles one
+            # layer, not 12/24. Same parameters (stacked either way), same maths (models/layers.blocks). On CPU it
+            # compiles the ViT-B/16 step in 12.7 s against 20.8 s (warm 1.9 against 3.6 s) but slows the mini step
+            # to 0.73x (README, "Benchmarks": "Warm start, layers stacked"), so it is off by default; on GPU it is
+            # still to be measured. The vit-l14 variant turns it on, for remat.
             scan_layers=v.get("scan_layers", False),
             # Per-layer rematerialisation: 'none', 'full' (recompute every activation) or 'dots' (keep matmul
             # outputs). Trades compute for activation memory (README, "Benchmarks": the memory table).

@@ -3,8 +3,8 @@
     python tools/bench_grad_barrier.py --width 768 --layers 12 --batch 8 --tokens 193 --barrier 0 --steps 3
     python tools/bench_grad_barrier.py ... --barrier 1
 
-Compiles the gradient (parameters and input) of a stack of `--layers` CLIP blocks (`layers.blocks`, the unrolled
-loop, float32) with the barrier off or on, and prints one JSON line: compile time, the compiled entry
+Compiles the gradient (parameters and input) of a stack of `--layers` CLIP blocks (`layers.blocks`, unrolled,
+float32) with the barrier off or on, and prints one JSON line: compile time, the compiled entry
 computation's fusion count, the most operands any fusion takes (it grows with depth where XLA:CPU re-sums the
 residual gradient in every consumer), the HLO text's line count, and the median gradient time over --steps runs
 after one warm-up (0: compile only). Run the two settings in separate processes, alternated, to compare.

@@ -52,7 +52,7 @@ not grow with the batch, so at small batches it weighs more than it does at SEN'
 --ours then runs `tools/benchmark.py --preset=vit-b16 --dtype=float32` at the same batch, image size, class
 count and step count in a subprocess (its own 2 warm-up steps after compiling; compile time is not in its step
 time), and prints a markdown table with our step / SEN's step. Each --ours_flags adds a row of ours with those
-benchmark flags (e.g. --ours_flags='' --ours_flags='--scan=1': the layer loop, then layers under scan). --order
+benchmark flags (e.g. --ours_flags='' --ours_flags='--scan=1': layers unrolled, then rolled under scan). --order
 picks which runs first, so repeated runs can alternate. Our XLA step uses all cores whatever --threads says.
 """
 

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--grad_barrier",
         default="auto",
-        help="residual-gradient barrier between blocks (models/layers.py): auto (CPU only) | 1 | 0",
+        help="residual-gradient barrier before each block (models/layers.py): auto (CPU only) | 1 | 0",
     )
     p.add_argument(
         "--host_malloc",

@@ -118,8 +118,8 @@ def param_partition_specs(
     'clip/vision/.*/kernel'); the first matching rule wins; unmatched leaves are replicated. `spec` is a
     PartitionSpec, 'replicate', or 'fsdp': shard the largest dimension divisible by the mesh's fsdp axis
     (replicated when none is, or when the mesh has no fsdp axis, so one rule set serves data-only meshes).
-    Inside a stacked layer group (`models/stacking.py`: `layers`, `cross_layers`, layers under scan) a rule's spec
-    is for one layer's shape, and the leading layer axis is left unsharded.
+    Inside a layer stack (`models/stacking.py`: the `layers` and `cross_layers` groups) a rule's spec is for one
+    layer's shape, and the leading layer axis is left unsharded.
     """
     compiled = []
     for pattern, spec in rules:
@@ -145,8 +145,8 @@ def param_partition_specs(
         shape = tuple(np.shape(leaf))
         if not stacking.in_group(path):
             return layer_spec(name, shape)
-        # A stacked layer group (layers under scan): the rule describes one layer; the layer axis stays whole, as
-        # each scan step reads one layer.
+        # A layer stack: the rule describes one layer; the layer axis stays whole, as each step of the scan reads
+        # one layer.
         spec = layer_spec(name, shape[1:])
         return PartitionSpec(None, *spec) if spec else spec
 
