@@ -10,10 +10,13 @@ CPU time per ViT-B/16 batch-8 step on 2 cores, by getrusage). `enable()` sends e
 "Benchmarks", "Host memory on CPU", has the figures.
 
 The cost: the process keeps its peak heap (RSS does not shrink after a large free), and all threads share one arena
-lock (small allocations stay in glibc's lock-free per-thread cache). So 'auto' applies it only where JAX computes
-on the CPU: `JAX_PLATFORMS` is cpu, or no GPU/TPU plugin is installed. It must run before other threads start (a
-thread that already has its own arena keeps it): the entry points call it first. `UIT_JAX_MALLOC=0` turns it off,
-`1` forces it.
+lock (small allocations stay in glibc's lock-free per-thread cache). XLA's compiler allocates on three threads at
+once, so a cold compile runs 1.5-1.6x slower (ViT-B/16 batch 128: 21.8-22.4 s against 14.0-14.1 s; loads from the
+compilation cache are unaffected; README, "The setting's price: cold compiles"). It cannot be lifted for the
+compile alone: glibc fixes its arena limit at a second thread's first allocation, and threads keep their arenas.
+So 'auto' applies it only where JAX computes on the CPU: `JAX_PLATFORMS` is cpu, or no GPU/TPU plugin is
+installed. It must run before other threads start (a thread that already has its own arena keeps it): the entry
+points call it first. `UIT_JAX_MALLOC=0` turns it off, `1` forces it.
 """
 
 from __future__ import annotations
