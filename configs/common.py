@@ -16,9 +16,8 @@ from uit_jax.data import defaults as data_defaults
 # image for the restoration targets.
 VARIANTS = {
     "vit-b16": dict(preset="vit-b16", init="openai/clip-vit-base-patch16", stride=16, image_size=(384, 128)),
-    # ViT-L/14 keeps its activations within one 80 GB GPU at batch 128 by recomputing each layer's activations in
-    # the backward pass (remat 'full', under scan, which is where XLA honours it): XLA's memory analysis of the
-    # step puts it at 25 GiB against 167 GiB without (README, "Benchmarks", the memory table).
+    # ViT-L/14 at batch 128 fits one 80 GB GPU only when each layer's activations are recomputed in the backward
+    # pass (remat 'full', under scan, where XLA honours it): 25 GiB against 167 GiB (docs/benchmarks.md).
     "vit-l14": dict(
         preset="vit-l14",
         init="openai/clip-vit-large-patch14",
@@ -47,17 +46,15 @@ def model_config(variant: str = "vit-b16") -> ml_collections.ConfigDict:
             mlm_layers=4,  # IRRA-style MLM head depth (only built when loss.mlm > 0).
             dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU. Params stay float32.
             # Each tower's (and the decoder's) layers as a rolled jax.lax.scan rather than unrolled: XLA compiles one
-            # layer, not 12/24. Same parameters (stacked either way), same maths (models/layers.blocks). On CPU it
-            # compiles the ViT-B/16 step in 12.7 s against 20.8 s (warm 1.9 against 3.6 s) but slows the mini step
-            # to 0.73x (README, "Benchmarks": "Warm start, layers stacked"), so it is off by default; on GPU it is
-            # still to be measured. The vit-l14 variant turns it on, for remat.
+            # layer, not 12/24; same parameters and maths (models/layers.blocks). Off by default: it compiles faster
+            # but slows the CPU step (the mini step to 0.73x, docs/benchmarks.md); vit-l14 turns it on, for remat.
             scan_layers=v.get("scan_layers", False),
             # Per-layer rematerialisation: 'none', 'full' (recompute every activation) or 'dots' (keep matmul
-            # outputs). Trades compute for activation memory (README, "Benchmarks": the memory table).
+            # outputs). Trades compute for activation memory (docs/benchmarks.md, the memory table).
             remat=v.get("remat", "none"),
             # Attention kernel, the same maths in each: 'auto' ('einsum' on CPU, 'xla' elsewhere), 'xla'
-            # (jax.nn.dot_product_attention), 'einsum' (head-major, hand-written gradient: 1.7x on XLA:CPU)
-            # or 'cudnn' (cuDNN's fused flash attention; CUDA GPUs, bfloat16). README "Benchmarks" has the times.
+            # (jax.nn.dot_product_attention), 'einsum' (head-major, hand-written gradient, faster on XLA:CPU)
+            # or 'cudnn' (cuDNN's fused flash attention; CUDA GPUs, bfloat16). docs/benchmarks.md has the times.
             attention="auto",
         )
     )
@@ -127,7 +124,7 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
     if dataset != "synthetic":
         c.data.image_size = VARIANTS[variant]["image_size"]
     # Hugging Face id or local folder (config.json + model.safetensors), or an OpenAI-format .pt file.
-    # "" trains from a random init of `model.preset` (the synthetic default does this).
+    # "" trains from a random init of `model.preset` (configs/synthetic.py:scratch does).
     c.model_init = VARIANTS[variant]["init"]
     c.tokenizer = ""  # tokenizer id/folder; empty: model_init's, or the synthetic set's own.
     c.loss = loss_config()
@@ -147,7 +144,7 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, async_save=True, max_nonfinite_in_row=20))
     c.log = ml_collections.ConfigDict(dict(every_steps=50))
     c.total_steps = 0  # > 0 overrides schedule.epochs (short runs, tests).
-    # The train step as two programs, gradient then update (uit_jax/steps.py, SplitTrainStep): the same step,
-    # compiled faster and loaded from the compilation cache 3x faster on CPU (README, "Benchmarks"). False: one.
+    # The train step as two programs, gradient then update (steps.SplitTrainStep): the same step, compiled and
+    # loaded from the compilation cache faster on CPU (docs/benchmarks.md). False: one program.
     c.split_train_step = True
     return c

@@ -4,29 +4,28 @@ Run (generates the synthetic set on first use, then fine-tunes, validates, tests
   python -m uit_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
 
 As the paper: CLIP weights loaded from a Hugging Face folder (`uit_jax/assets/clip-mini-synthetic`, pre-trained
-by `tools/pretrain_clip.py` on a corpus of other identities, street scenes and generic captions: contrastively,
+by `experiments/pretrain_clip.py` on a corpus of other identities, street scenes and generic captions: contrastively,
 then with masked words predicted from the image), then SDM at temperature 0.02 + ID + the triplet from step 0 +
 text-guided restoration (weight 10), SEN's lr groups (x5 for the new modules, x2 / no decay for biases), random
 erasing, SEN's caption masking and the key-word filter. Batch 128 as the paper. Only the learning rate, the number
 of epochs and Adam's eps (1e-8: our weights are float32, not fp16) change for a 2.5M-parameter model on 2 cores
 (see `_fine_tune`).
 
-Variants (`--config=configs/synthetic.py:VARIANT`), used for the ablation in the README:
+Variants (`--config=configs/synthetic.py:VARIANT`), used for the ablation (docs/results.md):
   full (default) | no_restoration | no_triplet | no_text_aug
   scratch: the from-scratch setup (random init of the `mini` preset, with its own recipe, no restoration; see
            `_scratch` and get_config)
   tiny: a seconds-long from-scratch smoke run, for tests
 
-Expected figures (README, "Synthetic results", with the commands): test R1 82.46 ± 0.19 over three seeds (mAP
-83.24, mINP 77.93), about 7 minutes on 2 CPU cores with the set built, 44 s more to generate it. Zero-shot: R1
-35.88. From scratch (`:scratch`): R1 51.94 ± 2.32 over five seeds, about 9 minutes with the set built.
+Expected figures (docs/results.md, with the commands): seed 0 test R1 82.21 (mAP 83.22, mINP 78.09) at the best
+validation step, about 6 minutes on 2 CPU cores. From scratch (`:scratch`): R1 about 52 over five seeds.
 """
 
 import os
 
 from configs import common
 
-# The shipped pre-trained mini CLIP (Hugging Face layout); tools/pretrain_clip.py rebuilds it.
+# The shipped pre-trained mini CLIP (Hugging Face layout); experiments/pretrain_clip.py rebuilds it.
 PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "uit_jax", "assets")
 PRETRAINED = os.path.join(PRETRAINED, "clip-mini-synthetic")
 
@@ -48,14 +47,10 @@ def _cpu_sized(c):
 def _fine_tune(c):
     """The paper's recipe on the pre-trained mini CLIP; only lr, Adam's eps and the epochs change."""
     c.model_init = PRETRAINED
-    # Batch 128, the paper's: on 2 cores the step runs 1.5x more pairs/s than at 64 (README, "Synthetic results").
-    c.batch_size = 128
-    # lr: the paper's 1e-5 is for ViT-B/16 (150M parameters, 60 epochs). A 2.5M-parameter model fine-tuned for
-    # 4 epochs (what 10 minutes on 2 cores allow) wants a larger step. Validation R1 after epochs 1 and 2 (README,
-    # "Synthetic results", the lr sweep): 43.7, 47.2 at lr 1e-4; 46.5, 52.6 at 3e-4; 39.8, 44.3 at 1e-3 (which also
-    # ends lower). The paper's Adam eps 1e-3 keeps its fp16 weights stable; our parameters are float32, and eps 1e-3
-    # only damps the updates of parameters with small gradients (1 epoch, earlier pre-training: test R1 7.7 at
-    # lr 1e-4 and 12.4 at 1e-3 with eps 1e-3, 15.7 at 3e-4 with eps 1e-8).
+    c.batch_size = 128  # the paper's
+    # The paper's lr 1e-5 is for ViT-B/16 over 60 epochs; a 2.5M-parameter model fine-tuned for 4 epochs learns
+    # fastest at 3e-4 (a sweep of 1e-4, 3e-4, 1e-3 by validation R1: docs/results.md). The paper's Adam eps 1e-3
+    # keeps its fp16 weights stable; ours are float32, where 1e-3 only damps small-gradient parameters.
     c.optim.lr = 3e-4
     c.optim.eps = 1e-8
     c.schedule.epochs = 4
@@ -63,7 +58,7 @@ def _fine_tune(c):
 
 
 def _scratch(c):
-    """From scratch (random init of `mini`): the recipe that learns without pre-training (README)."""
+    """From scratch (random init of `mini`): the recipe that learns without pre-training (docs/results.md)."""
     c.model_init = ""
     c.model.preset = "mini"
     c.optim.lr = 3e-4
@@ -86,14 +81,8 @@ def get_config(arg=None):
     _cpu_sized(c)
     if variant == "scratch":
         _scratch(c)
-        # Ten minutes from scratch (README, "From scratch"; seed 0, test R1 at the end): 3 epochs at batch 64 and
-        # lr 3e-4 with restoration gave 18.04; batch 128, lr 1e-3, no restoration (the step runs 1.5x faster) and
-        # 8 epochs 38.08; temperature 0.2 instead of 0.1, 39.79 (0.3: 35.88). Tried and dropped: lr 2e-3
-        # (validation R1 15.9 after 4 epochs, against 22.2), batch 64 for 6 epochs (36.46 in 9m14s), erasing and
-        # caption masking back on (at chance after 3 epochs), temperature 0.05 (6.9 after 3 epochs, against 14.1).
-        # Then no pad-and-crop and no key-word filter (the model under-fits): 3 seeds 38.17 -> 50.76, and the vision
-        # position embeddings initialised as CLIP's (models/clip.py): 50.35 ± 1.07 (51.94 ± 2.32 over 5 seeds). The
-        # flip stays (seed 1 without it: 43.21, against 46.38).
+        # Ten minutes from scratch: no restoration (the step runs 1.5x faster), batch 128, lr 1e-3, temperature 0.2,
+        # 8 epochs, no pad-and-crop and no key-word filter (the model under-fits); docs/results.md has the figures.
         c.batch_size = 128
         c.optim.lr = 1e-3
         c.loss.restoration = 0.0

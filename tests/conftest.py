@@ -87,3 +87,21 @@ def tiny_hf_clip_dir(tmp_path_factory) -> str:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(out)
     return str(out)
+
+
+# ----------------------------------------------------------------------------- a tiny trained run (search, probes)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """(config, workdir, dataset root) of a tiny trained run (4 steps) whose raw images are 32x16 but the model
+    sees 24x16 (so the resize is exercised). Shared by the search and research-tool tests."""
+    from tests.test_train import tiny_config
+    from uit_jax import train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    config = tiny_config(root)
+    config.data.image_size = (24, 16)
+    wd = root / "run"
+    train.train_and_evaluate(config, str(wd))
+    return config, wd, root

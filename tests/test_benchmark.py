@@ -42,7 +42,7 @@ def test_benchmark_table_and_aot(tmp_path, capsys):
     assert one["pairs_per_s"] > 0 and one["gflops_per_pair"] == full["gflops_per_pair"]
     # --aot compiles from abstract shapes: memory figures, no step run. At 8 pairs per device the activations
     # outweigh the tiny weights, so recomputing them (full remat, under scan: XLA:CPU's scheduler keeps the
-    # recomputed activations of an unrolled program alive, README "Benchmarks") must need less temporary memory.
+    # recomputed activations of an unrolled program alive, docs/benchmarks.md) must need less temporary memory.
     aot = benchmark.main([*common, "--batch=64", "--aot", "--objectives=align", "--table=scan=1;scan=1,remat=full"])
     plain, remat = aot["rows"]
     assert "step_s_median" not in plain and plain["total_mib"] > 0
@@ -50,14 +50,6 @@ def test_benchmark_table_and_aot(tmp_path, capsys):
     with pytest.raises(SystemExit, match="cannot read 'batch'"):
         benchmark.main([*common, "--table=batch"])
     capsys.readouterr()
-
-
-def test_attention_check_says_it_needs_a_gpu(capsys):
-    """tools/check_attention.py compares cuDNN's attention with XLA's on a GPU; on a CPU it says why it cannot."""
-    from tools import check_attention
-
-    assert check_attention.main(["--preset=tiny", "--image_size=32,32"]) == 2
-    assert "needs a CUDA GPU; JAX's backend here is 'cpu'" in capsys.readouterr().out
 
 
 def test_search_benchmark_runs_on_small_sizes(capsys):
@@ -108,3 +100,14 @@ def test_sen_benchmark_records_the_host_cpu(monkeypatch):
     monkeypatch.setattr(builtins, "open", fake_open)
     monkeypatch.setattr(bench_sen.os, "cpu_count", lambda: 2)
     assert bench_sen.cpu_model() == "AMD EPYC 9B14 (AuthenticAMD), 2 cores, avx2 avx512f"
+
+
+def test_input_benchmark_runs_on_a_small_set(tmp_path, capsys):
+    from tools import bench_input
+
+    out = bench_input.main(
+        ["--batch=8", "--steps=2", "--warmup=1", "--height=64", "--width=32", "--train_ids=8",
+         f"--manual_dir={tmp_path / 'raw'}", f"--data_dir={tmp_path / 'tfds'}"]
+    )  # fmt: skip
+    assert out["shape"] == [8, 64, 32, 3] and out["pairs_per_s"] > 0
+    assert "pairs/s wall" in capsys.readouterr().out

@@ -46,6 +46,47 @@ def test_a_better_validation_replaces_the_best(tmp_path):
     ckpt.close()
 
 
+def test_one_best_rule_earliest_on_ties(tmp_path):
+    class Manager:  # the two calls best_step makes of an Orbax manager
+        def __init__(self, metrics):
+            self._m = metrics
+
+        def all_steps(self):
+            return list(reversed(self._m))  # any order
+
+        def metrics(self, step):
+            if self._m[step] == "damaged":
+                raise ValueError("unreadable metrics")
+            return self._m[step]
+
+    m = {1: {"val_r1": 40.0}, 3: {"val_r1": 55.0}, 5: {}, 7: {"val_r1": 55.0}, 9: "damaged"}
+    assert ckpt_lib.best_step(Manager(m)) == (3, 55.0)
+    assert ckpt_lib.best_step(Manager({2: {}})) is None
+    # Training (Checkpointer.best) and export/search (read_state) use that one rule.
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ckpt.save(2, _state(2), {}, val_r1=50.0)
+    ckpt.save(4, _state(4), {}, val_r1=50.0)  # a tie with step 2; also the latest
+    ckpt.wait()
+    kept = sorted(ckpt.manager.all_steps())
+    best = ckpt.best()
+    ckpt.close()
+    assert best == (kept[0], 50.0)
+    assert ckpt_lib.read_state(str(tmp_path / "ck"), "best").step == best[0]
+
+
+def test_sigterm_is_a_preemption_inside_the_block(tmp_path):
+    import os
+    import signal
+
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), async_save=False)
+    with ckpt_lib.Preemption():
+        assert not ckpt.reached_preemption(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert ckpt.reached_preemption(2)
+    assert not ckpt.reached_preemption(3)  # the flag lives for the block only
+    ckpt.close()
+
+
 def _random_state(seed):
     rng = np.random.default_rng(seed)
     return {

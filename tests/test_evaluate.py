@@ -1,4 +1,4 @@
-"""evaluate.py: the padded, masked evaluator on the mesh, with fake encoders whose answer is known."""
+"""evaluate.py: the Evaluator on the mesh, through padding and masks, with fake encoders whose answer is known."""
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +31,18 @@ def test_fake_id_encoder_scores_100_through_padding_and_mask():
     queries = _batches(q_pid, q_pid, 8, lambda v: {"text": np.repeat(v[:, None], 5, 1)})
     enc_img = lambda params, x: jax.nn.one_hot(x[:, 0, 0, 0].astype(jnp.int32), IDS)
     enc_txt = lambda params, ids: jax.nn.one_hot(ids[:, 0], IDS)
+    ev = evaluate.Evaluator("val", None, gallery, queries, evaluate.jit_encoders(enc_img, enc_txt, mesh), mesh)
     with jax.set_mesh(mesh):
-        res = evaluate.evaluate(*evaluate.jit_encoders(enc_img, enc_txt, mesh), None, gallery, queries, mesh)
+        res = ev(None)
     assert res["num_gallery"] == 13 and res["num_queries"] == 21
     assert {k: res[k] for k in ("R1", "R5", "R10", "mAP", "mINP")} == dict.fromkeys(
         ("R1", "R5", "R10", "mAP", "mINP"), 100.0
     )
     # A wrong encoder scores below 100: the check can fail.
     shifted = lambda params, ids: jax.nn.one_hot((ids[:, 0] + 1) % IDS, IDS)
+    ev = evaluate.Evaluator("val", None, gallery, queries, evaluate.jit_encoders(enc_img, shifted, mesh), mesh)
     with jax.set_mesh(mesh):
-        bad = evaluate.evaluate(*evaluate.jit_encoders(enc_img, shifted, mesh), None, gallery, queries, mesh)
+        bad = ev(None)
     assert bad["R1"] < 50.0
 
 
@@ -48,10 +50,16 @@ def test_empty_split_is_an_error():
     mesh = sharding.make_mesh({"data": -1})
     enc = evaluate.jit_encoders(lambda p, x: x, lambda p, x: x, mesh)
     with pytest.raises(ValueError, match="no images batches"):
-        evaluate.evaluate(*enc, None, [], [], mesh)
+        evaluate.Evaluator("val", None, [], [], enc, mesh)(None)
 
 
 def test_format_table():
     row = {"R1": 50.0, "R5": 75.5, "R10": 80.0, "mAP": 40.25, "mINP": 30.0}
     table = evaluate.format_table({"test @ step 4": row})
     assert table.splitlines()[1].split() == ["test", "@", "step", "4", "50.00", "75.50", "80.00", "40.25", "30.00"]
+
+
+def test_cadence_every_n_steps_and_at_the_end():
+    ev = evaluate.Evaluator("val", None, [], [], (None, None), None, every_steps=3)
+    assert [s for s in range(1, 11) if ev.due(s, 10)] == [3, 6, 9, 10]
+    assert not evaluate.Evaluator("val", None, [], [], (None, None), None).due(10, 10)  # 0: only when asked

@@ -10,7 +10,8 @@ import jax
 
 from tests import numerics
 from tests.test_train import _params, data_root, tiny_config  # noqa: F401  (data_root is a fixture)
-from uit_jax import train
+from uit_jax import build as build_lib
+from uit_jax import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,8 +80,8 @@ def test_two_processes_match_one(data_root, tmp_path):  # noqa: F811
     # order (2 x 2 devices, gloo all-reduce), and Adam (eps 1e-3) turns a gradient error dg into at most
     # lr * dg / eps of update; the sums are those of the train step (tests/test_steps.py), so the same 2 * gamma_256
     # of the move bounds the difference.
-    setup = train.build(config)
-    p_start = train.init_params(setup, jax.random.split(jax.random.key(config.seed))[0])
+    setup = build_lib.build(config)
+    p_start = state_lib.init_params(setup.model, jax.random.split(jax.random.key(config.seed))[0])
     # Two Adam steps of ~1e-3 on parameters of ~1: measured 1.2e-7 absolute (one ulp of the parameter, 1e-4 of
     # the move), which the bound's per-step ulp term covers.
     rel, moved = numerics.assert_updates_close(p_single, p_multi, p_start, numerics.reduction_rtol(256), steps=2)
@@ -101,7 +102,7 @@ def test_a_dead_process_stops_the_others_promptly(data_root, tmp_path):  # noqa:
 
     Process 1 also reaches its first step 40 s after process 0 (a slow host): gloo gives CPU processes a fixed 30 s
     to meet at a collective's first run, so training starts only because they meet at the coordination-service
-    barrier after compiling (train._compile_then_meet)."""
+    barrier after compiling (sharding.compile_then_meet)."""
     import signal
     import time
 

@@ -13,41 +13,33 @@ from PIL import Image
 
 from tests.models.test_convert import _to_openai
 from tests.test_train import tiny_config
+from uit_jax import build as build_lib
 from uit_jax import checkpoint as ckpt_lib
 from uit_jax import evaluate as eval_lib
-from uit_jax import export, metrics, report, retrieval, rundir, search, sharding, steps, train
+from uit_jax import export, metrics, report, retrieval, rundir, search, sharding
+from uit_jax import state as state_lib
 from uit_jax.data import images as images_lib
-from uit_jax.data import pipeline
 from uit_jax.data import tokenizer as tok_lib
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny trained run (4 steps) whose raw images are 32x16 but the model sees 24x12 (so the resize is
-    exercised), and its dataset root."""
-    root = tmp_path_factory.mktemp("search")
-    config = tiny_config(root)
-    config.data.image_size = (24, 16)
-    wd = root / "run"
-    train.train_and_evaluate(config, str(wd))
-    return config, wd, root
+def run(trained_run):
+    return trained_run
 
 
 def _eval_path_embeddings(config, wd):
-    """The gallery embeddings as --mode=eval computes them (the pipeline's batches, the jitted encoders)."""
-    setup = train.build(config)
+    """The gallery embeddings as --mode=eval computes them (the Evaluator's batches and jitted encoders)."""
+    setup = build_lib.build(config)
     mesh = sharding.make_mesh(dict(config.mesh))
-    abstract, *_ = train._sharded_state(config, setup, mesh, jax.random.key(config.seed))
+    rng = jax.random.key(config.seed)
+    abstract, *_ = state_lib.train_state_spec(config, setup.model, mesh, rng, setup.info.num_train_pairs)
     ckpt = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), async_save=False)
     params = ckpt.restore(ckpt.best()[0], abstract).state["params"]
     ckpt.close()
-    enc_img, _ = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
-    data = pipeline.load_split(config.data, "test")
-    gallery, _ = pipeline.make_eval_iterators(config.data, setup.tokenizer, split="test", batch_size=16, data=data)
+    ev = eval_lib.Evaluator.from_config(config, setup.model, setup.tokenizer, mesh, "test")
     with jax.set_mesh(mesh):
-        z, _ = eval_lib.embed(enc_img, params, gallery, "images", mesh)
-    first = np.unique(data["image_id"], return_index=True)[1]
-    return z, [str(p) for p in data["file_path"][first]]
+        z, _ = eval_lib.embed(ev.encode_images, params, ev.gallery, "images", mesh)
+    return z, ev.data.gallery_paths
 
 
 def test_workdir_describes_itself(run):
@@ -291,44 +283,7 @@ def test_zero_shot_eval_without_a_checkpoint(run, tiny_hf_clip_dir, tmp_path):
     c.data.image_size = (32, 16)
     c.model.stride = 0
     c.data.text_len = 77
-    out = train.evaluate_checkpoint(c, str(tmp_path / "zs"))
+    out = eval_lib.evaluate_run(c, str(tmp_path / "zs"))
     assert out["step"] == 0 and set(out["results"]) == {"val @ zero-shot", "test @ zero-shot"}
     assert (tmp_path / "zs" / "eval" / "test_rankings.jsonl").exists()
     assert not (tmp_path / "zs" / "checkpoints").exists()
-
-
-def test_attribute_probe(run, capsys):
-    from tools import attribute_probe
-
-    rng = np.random.default_rng(0)
-    z = rng.standard_normal((400, 8))
-    pids = np.repeat(np.arange(100), 4)
-    planted = ["a" if v > 0 else "b" for v in z[:, 0]]  # linearly decodable
-    assert attribute_probe.probe(z, planted, pids)[0] > 0.85  # least-squares classification of a sign: ~0.94
-    noise = list(rng.choice(["a", "b", "c"], 400))
-    acc, majority = attribute_probe.probe(z, noise, pids)
-    assert acc < majority + 0.15  # nothing to find: about the majority rate
-    _, wd, root = run
-    out = attribute_probe.main([f"--data_root={next((root / 'raw').glob('t*'))}", f"--workdir={wd}"])
-    assert set(out["probes"]) == set(attribute_probe.FIELDS) and 0 <= out["R1"] <= 100
-    assert "upper_color" in capsys.readouterr().out
-
-
-def test_attribute_probe_supervised(run, tiny_hf_clip_dir):
-    """The capacity check trains the image tower's attribute heads: on the images it trained on, the upper garment's
-    colour (a large solid block) is read far better than by the untrained heads."""
-    from tools import attribute_probe
-
-    _, _, root = run
-    data_root = str(next((root / "raw").glob("t*")))
-    kw = dict(batch=16, lr=3e-3)
-    before = attribute_probe.supervised(tiny_hf_clip_dir, data_root, "train", (32, 16), 0, **kw)
-    after = attribute_probe.supervised(tiny_hf_clip_dir, data_root, "train", (32, 16), 40, **kw)
-    assert set(after) == set(attribute_probe.FIELDS)
-    assert after["upper_color"] >= 0.75 and after["upper_color"] > before["upper_color"] + 0.3, (before, after)
-    fresh = attribute_probe.supervised(tiny_hf_clip_dir, data_root, "train", (32, 16), 2, stride=4, random_init=True)
-    assert set(fresh) == set(attribute_probe.FIELDS) and all(0 <= v <= 1 for v in fresh.values())
-    fit = attribute_probe.pixel_baseline(data_root, "train", size=(16, 8), ridge=1e-6)  # 385 pixels, 32 images
-    assert fit == {f: 1.0 for f in attribute_probe.FIELDS}  # interpolates its own training images
-    with pytest.raises(SystemExit, match="--supervised needs --model"):
-        attribute_probe.main([f"--data_root={data_root}", "--workdir=x", "--supervised=5"])

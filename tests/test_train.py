@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from configs import synthetic as synthetic_config
+from uit_jax import build as build_lib
 from uit_jax import checkpoint as ckpt_lib
-from uit_jax import train
-from uit_jax.data import pipeline
+from uit_jax import config as config_lib
+from uit_jax import evaluate, rundir, train
+from uit_jax import state as state_lib
+from uit_jax.data import prepare, train_input
 
 
 def tiny_config(root, **overrides):
@@ -38,14 +41,16 @@ def tiny_config(root, **overrides):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    pipeline.prepare(tiny_config(root).data)  # generate + build once for every test here
+    prepare.prepare(tiny_config(root).data)  # generate + build once for every test here
     return root
 
 
 def _params(workdir, config, step=None):
-    setup = train.build(config)
+    setup = build_lib.build(config)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    abstract, *_ = train._sharded_state(config, setup, mesh, jax.random.key(config.seed))
+    abstract, *_ = state_lib.train_state_spec(
+        config, setup.model, mesh, jax.random.key(config.seed), setup.info.num_train_pairs
+    )
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     step = ckpt.latest_step() if step is None else step
     state = ckpt.restore(step, abstract).state
@@ -73,7 +78,7 @@ def test_end_to_end_writes_results(data_root, tmp_path):
     events = [f for f in os.listdir(wd) if f.startswith("events.out.tfevents")]
     assert events, "no TensorBoard summaries written"
     # --mode=eval restores the best checkpoint and reproduces the test figures
-    ev = train.evaluate_checkpoint(config, str(wd))
+    ev = evaluate.evaluate_run(config, str(wd))
     names = ("R1", "R5", "R10", "mAP", "mINP")
     assert ev["step"] == 4 and {k: ev["results"]["test @ step 4"][k] for k in names} == {
         k: saved["test_at_best"][k] for k in names
@@ -82,7 +87,7 @@ def test_end_to_end_writes_results(data_root, tmp_path):
 
 def test_eval_without_a_checkpoint_is_one_clear_error_and_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint under .*; train first"):
-        train.evaluate_checkpoint(tiny_config(tmp_path), str(tmp_path / "wd"))
+        evaluate.evaluate_run(tiny_config(tmp_path), str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists() and not (tmp_path / "raw").exists()
 
 
@@ -95,19 +100,26 @@ def test_one_run_per_workdir(tmp_path, caplog):
         holder.write("host h1, pid 123, since 2026-11-27 10:00:00\n")
         holder.flush()
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(train.WorkdirInUseError, match=r"in use by another run \(host h1, pid 123, since 2026"):
+        with pytest.raises(rundir.WorkdirInUseError, match=r"in use by another run \(host h1, pid 123, since 2026"):
             train.train_and_evaluate(tiny_config(tmp_path), str(wd))
     assert not (tmp_path / "raw").exists(), "the refused run did dataset work"
     # The holder died (the kernel dropped its lock) and left its file: taken over, with a warning.
-    with train._WorkdirLock(str(wd)):
+    with rundir.WorkdirLock(str(wd)):
         assert f"pid {os.getpid()}," in (wd / ".lock").read_text()
         assert "stale workdir lock (host h1, pid 123" in caplog.text
     assert (wd / ".lock").read_text() == ""  # a clean exit leaves no holder
 
 
 def test_epochs_to_steps_one_rule():
-    assert train.epochs_to_steps(1.5, 62) == 93 and train.epochs_to_steps(0.0, 62) == 0
-    assert train.epochs_to_steps(0.01, 62) == 1 and train.epochs_to_steps(0.5 / 62, 62) == 0  # rounds to nearest
+    assert config_lib.epochs_to_steps(1.5, 62) == 93 and config_lib.epochs_to_steps(0.0, 62) == 0
+    assert config_lib.epochs_to_steps(0.01, 62) == 1 and config_lib.epochs_to_steps(0.5 / 62, 62) == 0  # nearest
+    # The run's length follows the same rule: 2.51 epochs of 62 steps is 156 steps, not int(155.62) = 155.
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(batch_size=128, total_steps=0, schedule=SimpleNamespace(epochs=2.51))
+    assert config_lib.steps_per_epoch(c, 8000) == 62 and config_lib.total_steps(c, 8000) == 156
+    c.total_steps = 7
+    assert config_lib.total_steps(c, 8000) == 7
 
 
 def test_sigterm_then_resume_equals_uninterrupted(data_root, tmp_path, monkeypatch):
@@ -116,7 +128,7 @@ def test_sigterm_then_resume_equals_uninterrupted(data_root, tmp_path, monkeypat
     train.train_and_evaluate(config, str(straight))
 
     # Interrupted: SIGTERM arrives while step 2's batch is being read; the run saves step 2 and returns.
-    real = pipeline.make_train_iterator
+    real = train_input.make_train_iterator
 
     def iterator_that_gets_killed(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -125,10 +137,10 @@ def test_sigterm_then_resume_equals_uninterrupted(data_root, tmp_path, monkeypat
             yield batch
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(pipeline, "make_train_iterator", iterator_that_gets_killed)
+    monkeypatch.setattr(train_input, "make_train_iterator", iterator_that_gets_killed)
     out = train.train_and_evaluate(config, str(interrupted))
     assert out == {"stopped_at_step": 2}
-    monkeypatch.setattr(pipeline, "make_train_iterator", real)
+    monkeypatch.setattr(train_input, "make_train_iterator", real)
     assert not (interrupted / "results.json").exists()
 
     # Resumed: same command, continues from step 2 to the end.
@@ -285,7 +297,7 @@ def test_vit_l14_variant_is_valid_and_builds_its_grid(name):
     from uit_jax.models import clip as clip_lib
 
     config = importlib.import_module(f"configs.{name}").get_config("vit-l14")
-    train.validate_config(config, 1)
+    config_lib.validate(config, 1)
     assert tuple(config.data.image_size) == (378, 126) and config.model.stride == 14
     assert config.model.scan_layers and config.model.remat == "full"  # fits one 80 GB GPU at batch 128
     base = importlib.import_module(f"configs.{name}").get_config()

@@ -396,7 +396,7 @@ def table(sen: dict, ours: list[dict]) -> str:
 
 
 def cpu_model() -> str:
-    """The host's CPU, for the record: the SEN ratio differs from host to host (README, "Benchmarks")."""
+    """The host's CPU, for the record: the SEN ratio differs from host to host (docs/benchmarks.md)."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:

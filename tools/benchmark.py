@@ -21,7 +21,7 @@ Two more modes:
                     row; the others run.
   --aot             compile only, from abstract shapes (no weights, nothing run), and print XLA's memory analysis
                     of the step: arguments, outputs, temporaries, and the total a device must hold. With
-                    --table, one row per variant: the memory table of the README.
+                    --table, one row per variant: the memory table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def build(args):
     No lr groups: a group's factor is one elementwise multiply per tensor, which does not change the cost.
     """
     import jax
-    import jax.numpy as jnp
 
     from uit_jax import flops, optim, sharding, steps
+    from uit_jax import state as state_lib
     from uit_jax.models import clip as clip_lib
     from uit_jax.models import layers
     from uit_jax.models import uit as uit_lib
@@ -109,10 +109,7 @@ def build(args):
     os.environ[layers.GRAD_BARRIER_ENV] = str(args.grad_barrier)  # read when the step is traced
     layers.grad_barrier_enabled()  # a bad value fails here, before any compile
     h, w = (int(x) for x in args.image_size.split(","))
-    if args.dtype == "auto":
-        dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-    else:
-        dtype = getattr(jnp, args.dtype)
+    dtype = state_lib.compute_dtype(args.dtype)
     weights = dict(OBJECTIVES, restoration=0.0 if args.objectives == "align" else OBJECTIVES["restoration"])
     cfg = clip_lib.config_from_preset(args.preset, image_size=(h, w), text_len=args.text_len)
     model = uit_lib.UIT(
@@ -127,27 +124,19 @@ def build(args):
     mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
     sharding.check_batch_divisible(args.batch, mesh)
 
-    images = jnp.zeros((1, h, w, 3), jnp.float32)
-    text = jnp.zeros((1, cfg.text_len), jnp.int32)
-
-    def init(r):
-        return model.init({"params": r, "dropout": r}, images, text, rng=r)["params"]
-
-    # The initial values do not matter here, so a hardware generator: the ViT-B/16 init (compile and run) took
-    # 78-88 s on an H200 with threefry (JAX's default) and 9.6 s with this one; its CPU compile 25 s against 13 s.
+    # The initial values do not matter here, so a hardware generator: JAX's default threefry made the ViT-B/16 init
+    # the slowest compile of a fresh GPU process (docs/benchmarks.md).
     rng = jax.random.key(0, impl="unsafe_rbg")
-    params_shape = jax.eval_shape(init, rng)
+    params_shape = jax.eval_shape(lambda r: state_lib.init_params(model, r), rng)
     schedule = optim.make_schedule(base_lr=1e-5, steps_per_epoch=100, epochs=60)
     tx = optim.make_optimizer(params_shape, schedule=schedule)
-    abstract = jax.eval_shape(lambda p: steps.init_state(p, tx), params_shape)
-    state_sh = sharding.shardings_for(sharding.param_partition_specs(abstract, ((".*", "fsdp"),), mesh), mesh)
+    abstract, state_sh = state_lib.abstract_state(model, tx, mesh, ((".*", "fsdp"),), rng, params=params_shape)
     init_s = None
     if args.aot:  # abstract state: shapes and shardings only, no memory
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    else:  # its compile is not in compile_s, and on a GPU it is not small (ViT-B/16: a fresh process spent
-        # over 100 s before the align-only step's first compile ended): init_s reports it
+        state = abstract
+    else:  # its compile is not in compile_s, and on a GPU it is not small: init_s reports it
         t0 = time.perf_counter()
-        state = jax.block_until_ready(jax.jit(lambda r: steps.init_state(init(r), tx), out_shardings=state_sh)(rng))
+        state = jax.block_until_ready(state_lib.fresh_state(model, tx, state_sh, rng))
         init_s = time.perf_counter() - t0
     loss_fn = steps.make_loss_fn(model, weights, logit_scale=50.0, patch_size=cfg.patch_size)
     step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=bool(args.split))

@@ -10,9 +10,9 @@
 #      full objective as one program (--split=0) beside the default two (gradient, update).
 #   1b. The full objective with the residual-gradient barrier between blocks forced on (models/layers.py; on by
 #      default on CPU only, where it made the ViT-B/16 step faster), and with the 'einsum' attention kernel (the
-#      CPU default; its attention core 1.7x faster than 'xla' there), against the default, in one process.
-#   2. cuDNN's attention against XLA's, both bf16, against a float32 reference (tools/check_attention.py).
-#   3. Retrieval metrics at ICFG-PEDES size, similarities on the accelerator.
+#      CPU default, faster than 'xla' there), against the default, in one process.
+#   2. cuDNN's attention against XLA's, both bf16, against a float32 reference (tests/models/test_cudnn_attention.py,
+#      run as a script: the accelerator image has no pytest).
 #   4. ViT-L/14 at 378x126 (the vit-l14 variant's shapes), batch 128, scan + full remat.
 #   5. The full ViT-B/16 step again in a new process: compile time with the persistent compilation cache warm.
 #   6. ViT-B/16 with its layers rolled (--scan=1: one layer compiled, 1.6x faster compiles on CPU but slower CPU
@@ -52,13 +52,10 @@ step() {  # step NAME CAP_SECONDS ARGS...: runs one command under min(CAP, what 
 
 b16=(tools/benchmark.py --preset=vit-b16 --image_size=384,128 --batch=128 --dtype=bfloat16 --steps=20)
 l14=(tools/benchmark.py --preset=vit-l14 --image_size=378,126 --batch=128 --dtype=bfloat16 --steps=10)
-icfg=(--queries=19848 --gallery=19848)
-check=(tools/check_attention.py --preset=vit-b16 --image_size=384,128 --batch=8 --layers=2)
+check=(-m tests.models.test_cudnn_attention)
 if [[ -n ${GPU_BENCH_SMOKE:-} ]]; then  # the same flow at toy shapes, to check the script on a CPU first
   b16=(tools/benchmark.py --preset=tiny --image_size=64,32 --batch=8 --dtype=float32 --steps=2)
   l14=("${b16[@]}")
-  icfg=(--queries=500 --gallery=500 --ids=50)
-  check=(tools/check_attention.py --preset=tiny --image_size=32,32 --batch=4)
 fi
 # Caps from two leases on one H200 (2026-11-28): the step compiles in 93-114 s (full) and 50 s (align-only); the
 # parameter init, with the benchmark's hardware PRNG, in 10 s (78-88 s with threefry). cuDNN rows first: they
@@ -66,7 +63,6 @@ fi
 step 1_b16_attention 460 $py "${b16[@]}" --table='full,attention=cudnn;full;align,attention=cudnn;align;full,split=0'
 step 1b_b16_cpu_defaults 300 $py "${b16[@]}" --table='full;full,grad_barrier=1;full,attention=einsum'
 step 2_check_attention 150 $py "${check[@]}"
-step 3_metrics 60 $py tools/bench_metrics.py --skip_argsort "${icfg[@]}"
 step 4_l14 240 $py "${l14[@]}" --scan=1 --remat=full
 step 5_b16_cached 60 $py "${b16[@]}"
 step 6_b16_scan 260 $py "${b16[@]}" --table='scan=1;scan=1,remat=full;scan=1,remat=full,batch=256'

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state: save every N steps, keep the latest and the best, resume.
+"""Orbax checkpoints of the train state: save, keep the latest and the best, resume; what "best" means; SIGTERM.
 
 The manager keeps two kinds of checkpoint under `workdir/checkpoints`: the latest one (for resuming) and the best one
 by validation R1 (for the final test). Orbax's `max_to_keep` together with `best_fn` can delete the latest
@@ -14,6 +14,9 @@ reduction order) is taken on the device when saving and checked after every rest
 caught even where Orbax reads them without complaint. A state whose parameters are not all finite is never saved
 (the newest checkpoint on disk stays a good one). `restore_latest_intact` resumes from the newest checkpoint that
 restores and checks out, moving damaged ones aside (`N.damaged`) with a warning naming the step and the damage.
+
+"Best" is one rule (`best_step`), used by training, `--mode=eval` and export alike. Preemption is one question
+(`Checkpointer.reached_preemption`): a SIGTERM inside `Preemption`, or the cluster's announcement through Orbax.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
+import socket
 from typing import Any
 
 import jax
@@ -122,6 +127,61 @@ def parse_step(text: str) -> str | int:
     return int(text)
 
 
+def best_step(manager: ocp.CheckpointManager) -> tuple[int, float] | None:
+    """The one rule for "best": (step, validation R1) of the kept checkpoint with the highest validation R1, the
+    earliest step on ties; None when no kept checkpoint was evaluated. Damaged metrics are not candidates."""
+    best = None
+    for step in sorted(int(s) for s in manager.all_steps()):
+        try:
+            m = manager.metrics(step) or {}
+        except Exception:  # noqa: BLE001 - a damaged checkpoint's metrics: it cannot be the best
+            continue
+        if BEST_METRIC in m and (best is None or m[BEST_METRIC] > best[1]):
+            best = (step, float(m[BEST_METRIC]))
+    return best
+
+
+class Preemption:
+    """Turns SIGTERM into a flag that `Checkpointer.reached_preemption` reports, for as long as the `with` block
+    runs: the loop then saves a checkpoint and stops cleanly after the step in flight."""
+
+    requested = False  # class-wide: a signal handler has one process-wide meaning
+
+    def __enter__(self):
+        Preemption.requested = False
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. under some test runners)
+            self._old = None
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+        Preemption.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        Preemption.requested = False
+
+
+def check_writable(folder: str) -> None:
+    """Creates `folder` and writes a probe file in it, so that an unwritable checkpoint folder (permissions, a
+    read-only or full disk, a file in its place) stops the run before any work: Orbax fails only at the first save."""
+    probe = os.path.join(folder, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"Cannot write checkpoints to {folder}: {e.strerror or e} ({type(e).__name__}). Fix its permissions or "
+            "free the disk, or choose another --workdir; nothing was trained."
+        ) from e
+
+
 def read_state(directory: str, which: str | int = "best") -> Restored:
     """Reads a checkpoint without knowing the model: `which` is 'best' (by validation R1), 'latest' or a step.
 
@@ -144,15 +204,8 @@ def read_state(directory: str, which: str | int = "best") -> Restored:
         if which == "latest":
             step = steps[-1]
         elif which == "best":
-            scored = []
-            for s in steps:
-                try:
-                    m = manager.metrics(s) or {}
-                except Exception:  # noqa: BLE001 - a damaged checkpoint's metrics: not a candidate
-                    m = {}
-                if BEST_METRIC in m:
-                    scored.append((m[BEST_METRIC], s))
-            step = max(scored)[1] if scored else steps[-1]
+            best = best_step(manager)
+            step = best[0] if best is not None else steps[-1]
         else:
             step = int(which)
             if step not in steps:
@@ -237,23 +290,13 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def best(self) -> tuple[int, float] | None:
-        """(step, validation R1) of the kept checkpoint with the highest validation R1; None if none was evaluated.
-
-        The one place that knows which checkpoint is "best" (the trainer tests it, `--mode=eval` restores it).
-        """
-        best = None
-        for step in self.manager.all_steps():
-            try:
-                m = self.manager.metrics(step)
-            except Exception:  # noqa: BLE001 - a damaged checkpoint's metrics: it cannot be the best
-                continue
-            if m and BEST_METRIC in m and (best is None or m[BEST_METRIC] > best[1]):
-                best = (int(step), float(m[BEST_METRIC]))
-        return best
+        """(step, validation R1) of the best kept checkpoint (`best_step`); None if none was evaluated."""
+        return best_step(self.manager)
 
     def reached_preemption(self, step: int) -> bool:
-        """True when the cluster announced a preemption (Orbax's multi-host sync point): save and stop now."""
-        return bool(self.manager.reached_preemption(step))
+        """True when a SIGTERM arrived (`Preemption`) or the cluster announced a preemption (Orbax's multi-host
+        sync point): save and stop now."""
+        return Preemption.requested or bool(self.manager.reached_preemption(step))
 
     def restore(self, step: int, abstract_state) -> Restored:
         """Restores `step` into the shapes, dtypes and shardings of `abstract_state` (from `jax.eval_shape`), and

@@ -1,22 +1,15 @@
 """glibc malloc settings for XLA:CPU: keep each execution's buffers mapped from one step to the next.
 
-XLA:CPU allocates the temporaries of an execution as one block and frees it when the execution ends (ViT-B/16,
-batch 8, float32: 2.3 GB for the gradient program and 0.8 GB for the update, every step). The execution runs on a
-worker thread, and a glibc worker-thread arena cannot hold a block over 64 MB, so glibc maps a fresh one with mmap
-and unmaps it on free: every step the kernel faults in and zeroes those gigabytes page by page (2.0-3.8 s of system
-CPU time per ViT-B/16 batch-8 step on 2 cores, by getrusage). `enable()` sends every thread to the main arena
-(M_ARENA_MAX 1), serves large blocks from its heap (M_MMAP_MAX 0) and never gives the heap's top back
-(M_TRIM_THRESHOLD), so later steps reuse the same pages. The mini default's step gains 12-13%; README
-"Benchmarks", "Host memory on CPU", has the figures.
+XLA:CPU allocates an execution's temporaries as one block on a worker thread, and glibc serves a worker thread's
+block over 64 MB by mmap: every step the kernel faults in and zeroes gigabytes afresh. `enable()` sends every
+thread to the main arena (M_ARENA_MAX 1), serves large blocks from its heap (M_MMAP_MAX 0) and never trims it
+(M_TRIM_THRESHOLD), so later steps reuse the same pages (docs/benchmarks.md has the step and compile figures).
 
-The cost: the process keeps its peak heap (RSS does not shrink after a large free), and all threads share one arena
-lock (small allocations stay in glibc's lock-free per-thread cache). XLA's compiler allocates on three threads at
-once, so a cold compile runs 1.5-1.6x slower (ViT-B/16 batch 128: 21.8-22.4 s against 14.0-14.1 s; loads from the
-compilation cache are unaffected; README, "The setting's price: cold compiles"). It cannot be lifted for the
-compile alone: glibc fixes its arena limit at a second thread's first allocation, and threads keep their arenas.
-So 'auto' applies it only where JAX computes on the CPU: `JAX_PLATFORMS` is cpu, or no GPU/TPU plugin is
-installed. It must run before other threads start (a thread that already has its own arena keeps it): the entry
-points call it first. `UIT_JAX_MALLOC=0` turns it off, `1` forces it.
+The cost: the process keeps its peak heap, and all threads share one arena lock, which slows cold compiles (XLA
+compiles on three threads) by about 1.5x; cache loads are unaffected. It cannot be lifted for the compile alone
+(glibc fixes its arena limit at a second thread's first allocation), so 'auto' applies it only where JAX computes
+on the CPU: `JAX_PLATFORMS` is cpu, or no GPU/TPU plugin is installed. It must run before other threads start: the
+entry points call it first. `UIT_JAX_MALLOC=0` turns it off, `1` forces it.
 """
 
 from __future__ import annotations

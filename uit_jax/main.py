@@ -99,14 +99,14 @@ def main(argv):
     )
     logging.info("Compilation cache: %s", cache or f"off ({compile_cache.ENV} is empty)")
     logging.info("Host malloc: %s", malloc)
-    from uit_jax import train
+    from uit_jax import evaluate, train
 
     try:
         config = _config()
         if _MODE.value == "train":
             train.train_and_evaluate(config, _WORKDIR.value)
         else:
-            train.evaluate_checkpoint(config, _WORKDIR.value, step=_EVAL_STEP.value)
+            evaluate.evaluate_run(config, _WORKDIR.value, step=_EVAL_STEP.value)
     except Exception as e:  # noqa: BLE001 - every fatal error: one clear message, then a prompt exit
         _fatal(e)
 

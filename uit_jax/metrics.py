@@ -12,8 +12,6 @@ them unspecified; a query with no matching gallery item is an error here (the re
 Speed and memory: queries are processed ``block_size`` rows at a time; each row is sorted by value (no argsort)
 and each positive's rank found by binary search, so peak extra memory is about ``block_size * G * 4`` bytes
 (1024 x 100k: ~0.4 GB). A jax.Array similarity is sliced on its device and only each block is copied to the host.
-``retrieval_metrics_from_embeddings`` never materialises the (Q, G) similarity: it computes it block by block
-(on the accelerator), for evaluations of any size.
 """
 
 from __future__ import annotations
@@ -111,42 +109,3 @@ def _metrics_over_blocks(blocks, q_pids: np.ndarray, g_pids: np.ndarray) -> dict
     out["mAP"] = 100.0 * ap_sum / num_q
     out["mINP"] = 100.0 * inp_sum / num_q
     return out
-
-
-def block_scores(q, g):
-    """q (Q, D) @ g (G, D).T in full float32 on any device. By default GPUs multiply float32 in TF32 (10-bit
-    mantissa) and TPUs in bfloat16 passes, which moved R10 and mAP in the third decimal at ICFG-PEDES size on an
-    H200 (README "Benchmarks"); the figures must not depend on where they are computed."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    return jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
-
-
-def retrieval_metrics_from_embeddings(
-    query_emb, gallery_emb, query_pids, gallery_pids, *, block_size: int = 1024
-) -> dict[str, float]:
-    """`retrieval_metrics(query_emb @ gallery_emb.T, ...)` without the (Q, G) matrix: each block of queries is
-    scored against the gallery on the default device (jax) and only that block reaches the host. For evaluations
-    of any size (100k x 100k needs block_size * G * 4 bytes, not Q * G * 4)."""
-    import jax  # noqa: PLC0415 - metrics itself needs only numpy
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    q_pids = np.asarray(query_pids).reshape(-1)
-    g_pids = np.asarray(gallery_pids).reshape(-1)
-    if len(query_emb) != q_pids.size or len(gallery_emb) != g_pids.size:
-        raise ValueError(
-            f"metrics.retrieval_metrics_from_embeddings: {len(query_emb)} query and {len(gallery_emb)} gallery "
-            f"embeddings for {q_pids.size} query and {g_pids.size} gallery pids"
-        )
-    if q_pids.size == 0:
-        raise ValueError("metrics.retrieval_metrics_from_embeddings: no queries")
-    g = jnp.asarray(gallery_emb)
-    score = jax.jit(block_scores)
-    q_all = np.asarray(query_emb)
-
-    def blocks():
-        for start in range(0, q_pids.size, block_size):
-            yield start, np.asarray(score(jnp.asarray(q_all[start : start + block_size]), g))
-
-    return _metrics_over_blocks(blocks(), q_pids, g_pids)

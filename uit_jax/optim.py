@@ -19,7 +19,7 @@ Schedule. SEN steps its scheduler once per epoch, so epoch e (0-based) runs at `
 ``base * (warmup_factor * (1 - e/W) + e/W)`` for e < W, then
 ``end + (base - end) * (1 + cos(pi * (e - W) / (E - W))) / 2``. We evaluate the same formula at the
 fractional epoch ``step / steps_per_epoch`` (smooth per step; at the first step of each epoch it equals
-SEN's value for that epoch); ``per_epoch=True`` reproduces SEN's staircase. The end lr is
+SEN's value for that epoch). The end lr is
 ``end_lr_factor * base_lr`` (SEN: ``target_lr`` = 0) and, like everything, is scaled by the group factor.
 """
 
@@ -132,10 +132,8 @@ def make_schedule(
     warmup_epochs: float = 5,
     warmup_factor: float = 0.1,
     end_lr_factor: float = 0.0,
-    mode: str = "cosine",
-    per_epoch: bool = False,
 ) -> optax.Schedule:
-    """Step -> lr: linear warm-up from ``warmup_factor * base_lr``, then cosine / linear / constant.
+    """Step -> lr: linear warm-up from ``warmup_factor * base_lr``, then cosine down to ``end_lr_factor * base_lr``.
 
     See the module docstring for the formula and how it relates to SEN's per-epoch scheduler.
     """
@@ -145,27 +143,18 @@ def make_schedule(
         raise ValueError(
             f"optim.make_schedule: need 0 <= warmup_epochs ({warmup_epochs}) <= epochs ({epochs}), and epochs > 0"
         )
-    if mode not in ("cosine", "linear", "constant"):
-        raise ValueError(f"optim.make_schedule: mode must be 'cosine', 'linear' or 'constant', got {mode!r}")
     end_lr = end_lr_factor * base_lr
     decay_epochs = epochs - warmup_epochs
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32) / steps_per_epoch
-        if per_epoch:
-            t = jnp.floor(t)
         if warmup_epochs > 0:
             alpha = t / warmup_epochs
             warm = base_lr * (warmup_factor * (1.0 - alpha) + alpha)
         else:
             warm = base_lr
         ratio = jnp.clip((t - warmup_epochs) / max(decay_epochs, 1e-12), 0.0, 1.0)
-        if mode == "cosine":
-            after = end_lr + (base_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * ratio))
-        elif mode == "linear":
-            after = end_lr + (base_lr - end_lr) * (1.0 - ratio)
-        else:
-            after = jnp.asarray(base_lr, jnp.float32)
+        after = end_lr + (base_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * ratio))
         return jnp.where(t < warmup_epochs, warm, after).astype(jnp.float32)
 
     return schedule

@@ -1,5 +1,6 @@
-"""A run's workdir describes itself: `config.json` (the full resolved config), `model.json` (the CLIP towers' shape
-and the preprocessing) and `tokenizer/` (the tokenizer files), written when training starts.
+"""A run's workdir: one run at a time (`WorkdirLock`), and it describes itself: `config.json` (the full resolved
+config), `model.json` (the CLIP towers' shape and the preprocessing) and `tokenizer/` (the tokenizer files), written
+when training starts.
 
 `--mode=eval`, `uit_jax.export` and `uit_jax.retrieval` read them, so nothing has to be retyped and a trained run can
 be searched without its dataset. Plain JSON and the standard library only: importable without TensorFlow or
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from absl import logging
@@ -47,12 +50,63 @@ class ConfigChangedError(ValueError):
     pass
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+class WorkdirInUseError(RuntimeError):
+    pass
+
+
+class WorkdirLock:
+    """One training run per workdir: an exclusive `flock` on WORKDIR/.lock, held for the whole run (process 0).
+
+    The kernel releases the lock when its holder dies, so a lock file left by a killed run (a stale lock) is taken
+    over, with a warning naming the dead holder; a live holder makes a second run refuse at once, naming it.
+    """
+
+    def __init__(self, workdir: str, *, holder: bool = True):
+        self.path = os.path.join(workdir, ".lock")
+        self.holder = holder  # False on processes other than 0: they take no lock
+        self._f = None
+
+    def __enter__(self):
+        if not self.holder:
+            return self
+        f = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown holder"
+            f.close()
+            raise WorkdirInUseError(
+                f"{os.path.dirname(self.path)} is in use by another run ({holder}); wait for it to finish, stop it, "
+                "or choose another --workdir."
+            ) from None
+        f.seek(0)
+        old = f.read().strip()
+        if old:
+            logging.warning("Taking over a stale workdir lock (%s): that run is gone.", old)
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc):
+        if self._f is not None:
+            self._f.seek(0)
+            self._f.truncate()  # a clean exit leaves no holder behind
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level, keys joined by dots (`model.stride`)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -88,7 +142,7 @@ def read_config(workdir: str) -> dict | None:
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(field, old value, new value) for every flattened field that differs (added or removed fields too)."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -8,11 +8,13 @@ processes fails, so host copies go through `gather_to_host`.
 """
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -251,3 +253,27 @@ def wait_for_all_processes(name: str, timeout_s: float) -> None:
             f"{timeout_s:.0f} s and not every process arrived ({type(e).__name__}: {e}). Check the other "
             "processes' logs for the error that stopped or delayed them."
         ) from e
+
+
+# How long a process waits for the others after compiling: a first compile of a large model on a busy host takes
+# minutes; a process that died is reported sooner, by the coordination service's heartbeat.
+COMPILE_BARRIER_TIMEOUT_S = 1800
+
+
+def compile_then_meet(step_fn, *args) -> None:
+    """Multi-process runs: compiles `step_fn`'s program(s) for these arguments (jit then reuses them), then waits for
+    every process at a coordination-service barrier, so that the first collective starts on all of them together.
+
+    On CPU, gloo gives the processes a fixed 30 s to meet at a program's first collective, and the skew of process
+    start-up plus compile exceeded it under CI load (tests/test_multiprocess_train.py). No-op in one process.
+    """
+    if jax.process_count() == 1:
+        return
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(*args)
+    for x in lowered if isinstance(lowered, list) else [lowered]:
+        x.compile()
+    logging.info("Train step compiled in %.1f s; waiting for the other processes", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    wait_for_all_processes("uit_jax: train step compiled", COMPILE_BARRIER_TIMEOUT_S)
+    logging.info("All %d processes ready after %.1f s", jax.process_count(), time.perf_counter() - t0)

@@ -142,10 +142,9 @@ class SplitTrainStep:
     """The train step as two jitted programs run one after the other: the gradient, then the update.
 
     Same arguments, results, shardings and donation as the single program (`make_train_step`). Why two: XLA:CPU
-    (jaxlib 0.10.2) compiles the two apart faster than together (ViT-B/16, batch 128: 21-23 s against 29-31 s), and
-    loads them from the persistent cache three times faster (6.5-7.8 s against 20-23 s), because deserialising each
-    YNNPACK fusion of an executable scans all of that executable's instructions: the optimiser's thousands of
-    per-tensor instructions no longer multiply the gradient's matmul fusions (README, "Benchmarks").
+    loads an executable's fusions in time that grows with its instruction count, so the optimiser's per-tensor
+    instructions no longer multiply the gradient's matmul fusions: the two compile faster apart and load from the
+    persistent cache three times faster (docs/benchmarks.md).
     """
 
     def __init__(self, grad_step, update_step):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from uit_jax.data import defaults, pipeline
+from uit_jax.data import defaults, prepare
 from uit_jax.data import tokenizer as tok_lib
 
 
@@ -22,6 +22,6 @@ def tiny_config(root) -> "ml_collections.ConfigDict":  # noqa: F821
 def tiny(tmp_path_factory):
     """(cfg, DatasetInfo, tokenizer, train split in memory) of the tiny synthetic set."""
     cfg = tiny_config(tmp_path_factory.mktemp("synth"))
-    info = pipeline.prepare(cfg)
+    info = prepare.prepare(cfg)
     tok = tok_lib.load_tokenizer(info.tokenizer_dir)
-    return cfg, info, tok, pipeline.load_split(cfg, "train")
+    return cfg, info, tok, prepare.load_split(cfg, "train")

@@ -112,7 +112,7 @@ def test_synthetic_builder_uses_the_cuhk_reader(tiny):
     assert info.splits == {"train": 12 * 3 * 2, "val": 5 * 3 * 2, "test": 4 * 3 * 2}
     assert info.num_images == {"train": 36, "val": 15, "test": 12}
     # tags come from the generator's lexicon
-    for ws, ts in zip(train["words"][:20], train["pos"][:20]):
+    for ws, ts in zip(train.words[:20], train.pos[:20]):
         assert ts == [synthetic.POS_TAGS[w.lower()] for w in ws]
 
 
@@ -240,16 +240,16 @@ def test_icfg_reads_sens_file_name_too(tmp_path):
 def test_check_ready_reports_missing_nltk_data_before_building(tmp_path, monkeypatch):
     import nltk
 
-    from uit_jax.data import defaults, pipeline
+    from uit_jax.data import defaults, prepare
 
     cfg = defaults.data_config("cuhk")
     cfg.manual_dir, cfg.data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
     monkeypatch.setattr(nltk.data, "find", lambda *a, **k: (_ for _ in ()).throw(LookupError("no")))
     with pytest.raises(LookupError, match="nltk.downloader"):
-        pipeline.check_ready(cfg)
+        prepare.check_ready(cfg)
     cfg.tagger = str(tmp_path / "tags.tsv")  # a word->tag file needs no NLTK data
     (tmp_path / "tags.tsv").write_text("coat\tNN\n")
-    pipeline.check_ready(cfg)
+    prepare.check_ready(cfg)
 
 
 # ----------------------------------------------------------------------------- fuzzing the annotation reader

@@ -136,19 +136,3 @@ def test_check_attention_resolves_auto():
         assert layers.check_attention(kernel) == kernel
     with pytest.raises(ValueError, match="Unknown attention kernel 'flash'"):
         layers.check_attention("flash")
-
-
-def test_bench_attention_tool_times_each_kernel(capsys):
-    """tools/bench_attention.py: one row per kernel ('auto' resolved, duplicates dropped) and PyTorch's rows."""
-    from tools import bench_attention
-
-    common = ["--batch=2", "--tokens=5", "--heads=2", "--head_dim=4", "--reps=2"]
-    core = bench_attention.main([*common, "--kernels=auto,xla,einsum", "--causal"])
-    names = [r["name"] for r in core["rows"]]
-    assert names == ["jax einsum", "jax xla", "torch sdpa", "torch softmax(qk^T)v"]
-    assert core["rows"][0]["x_first"] == 1.0 and all(r["ms_median"] > 0 for r in core["rows"])
-    layer = bench_attention.main([*common, "--kernels=xla", "--layer", "--torch=0"])
-    assert [r["name"] for r in layer["rows"]] == ["jax xla"] and layer["layer"] is True
-    assert "| jax xla |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="Unknown attention kernel 'flash'"):
-        bench_attention.main([*common, "--kernels=flash", "--torch=0"])

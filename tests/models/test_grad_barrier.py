@@ -8,13 +8,15 @@ re-sums every later block's terms in each consumer) and the program grows faster
 program grows as the depth. The last check is about the compiled HLO, not a time, so it is exact.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from tests import numerics
-from tools import bench_grad_barrier
 from uit_jax.models import layers
 
 SPECIAL = [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 3.4e38, 1.2e-38]
@@ -42,19 +44,44 @@ def test_subnormals_flush_as_in_any_xla_cpu_addition():
     np.testing.assert_array_equal(np.asarray(dx).view(np.uint32), np.asarray(same_as_a_sum).view(np.uint32))
 
 
-def _grad(depth, monkeypatch, barrier):
+def _fusion_stats(hlo: str) -> dict:
+    """Fusions of the compiled module's entry computation: how many, and the most operands one takes."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}")]
+    calls = re.findall(r"= [^=]*? fusion\(([^)]*)\)", entry)
+    operands = [len([a for a in args.split(",") if "%" in a]) for args in calls]
+    return dict(fusions=len(calls), max_fusion_operands=max(operands, default=0), hlo_lines=hlo.count("\n"))
+
+
+def _grad(depth, monkeypatch, barrier, width=16, batch=2, tokens=5):
+    """The compiled gradient (parameters and input) of `depth` CLIP blocks with the barrier setting given (read
+    when it is traced), evaluated once: (gradients, compiled HLO text)."""
     monkeypatch.setenv(layers.GRAD_BARRIER_ENV, barrier)
-    compiled, params, x, _ = bench_grad_barrier.tower_grad(width=16, depth=depth, batch=2, tokens=5)
+
+    class Tower(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = layers.blocks(self, x, depth, "layers_", width=width, heads=max(width // 64, 1), mlp=4 * width)
+            return layers.LayerNorm(name="ln_final")(x)
+
+    tower = Tower()
+    x = jax.random.normal(jax.random.key(0), (batch, tokens, width))
+    params = tower.init(jax.random.key(1), x)
+    # A fixed linear readout of the first token, as a projection head: the squared norm of a LayerNorm output is
+    # almost constant, so its gradient would be nearly all rounding.
+    readout = jax.random.normal(jax.random.key(2), (batch, width))
+    loss = lambda p, x: jnp.sum(tower.apply(p, x)[:, 0] * readout)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
     return compiled(params, x), compiled.as_text()
 
 
 def _lines(hlo: str) -> int:
-    return bench_grad_barrier.fusion_stats(hlo)["hlo_lines"]
+    return _fusion_stats(hlo)["hlo_lines"]
 
 
 def _largest_fusion(hlo: str) -> int:
     """The most operands any fusion of the compiled program's entry computation takes."""
-    stats = bench_grad_barrier.fusion_stats(hlo)
+    stats = _fusion_stats(hlo)
     assert stats["fusions"], "no fusion found: the HLO text format changed"
     return stats["max_fusion_operands"]
 
@@ -87,12 +114,3 @@ def test_on_by_default_on_cpu_and_a_bad_setting_is_named(monkeypatch):
     monkeypatch.setenv(layers.GRAD_BARRIER_ENV, "maybe")
     with pytest.raises(ValueError, match=r"UIT_JAX_GRAD_BARRIER='maybe': use 1 \(on\), 0 \(off\) or auto"):
         layers.grad_barrier_enabled()
-
-
-def test_the_tool_reports_both_settings(monkeypatch):
-    monkeypatch.setenv(layers.GRAD_BARRIER_ENV, "auto")  # the tool sets it; restored after the test
-    common = ["--width", "16", "--layers", "6", "--batch", "2", "--tokens", "5", "--steps", "1"]
-    off = bench_grad_barrier.main([*common, "--barrier", "0"])
-    on = bench_grad_barrier.main([*common, "--barrier", "1"])
-    assert (off["barrier"], on["barrier"]) == (False, True)
-    assert on["max_fusion_operands"] < off["max_fusion_operands"] and on["grad_s_median"] > 0

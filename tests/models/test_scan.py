@@ -7,7 +7,8 @@ agree to a few float32 ulps of the largest magnitude compared (1e-5 relative to 
 
 cuDNN's attention cannot run on a CPU, so the 'cudnn' branch is checked here with `jax.nn.dot_product_attention`
 patched to run XLA's kernel on exactly the arguments that branch passes (no mask; caption lengths instead; causal
-flag); on a GPU, `tools/check_attention.py` compares the real cuDNN kernel with XLA's against a float32 reference.
+flag); on a GPU, tests/models/test_cudnn_attention.py compares the real cuDNN kernel with XLA's against a float32
+reference.
 """
 
 import jax

@@ -282,7 +282,7 @@ class SyntheticPedes(CuhkPedes):
     """
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
-    Generate it: python -m uit_jax.data.synthetic --out MANUAL_DIR (uit_jax.data.pipeline.prepare does this).
+    Generate it: python -m uit_jax.data.synthetic --out MANUAL_DIR (uit_jax.data.prepare.prepare does this).
     """
 
     def __init__(self, **kwargs):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
-
 # The one registry of datasets: config name -> the official folder name under $UIT_DATA_ROOT. The tfds builders
 # (uit_jax/data/builders.py) register against it; the trainer checks config.data.name against it.
 DATASETS = {"synthetic": "synthetic_pedes", "cuhk": "CUHK-PEDES", "icfg": "ICFG-PEDES", "rstp": "RSTPReid"}
@@ -16,15 +14,18 @@ def data_root() -> str:
     return os.environ.get("UIT_DATA_ROOT") or os.path.join(os.path.expanduser("~"), "uit_data")
 
 
-def data_config(name: str) -> ml_collections.ConfigDict:
-    """The data config group for `name`, one of DATASETS."""
+def data_config(name: str):
+    """The data config group for `name`, one of DATASETS (an ml_collections.ConfigDict)."""
+    import ml_collections  # noqa: PLC0415 - here, so that the registry imports on accelerator images without it
+
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     c = ml_collections.ConfigDict()
     # Which dataset: one of DATASETS; picks its tfds builder.
     c.name = name
-    # The official folder (imgs/ + annotation json). Synthetic: the parent of the generated sets (see
-    # synthetic.out_dir). Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting to ~/uit_data.
+    # The official folder (imgs/ + annotation json). Synthetic: the parent of the generated sets, each written to
+    # manual_dir/<sizes and seed> (prepare.synthetic_dir). Default $UIT_DATA_ROOT/<folder>, UIT_DATA_ROOT defaulting
+    # to ~/uit_data.
     c.manual_dir = os.path.join(data_root(), DATASETS[name])
     # Where tfds keeps the built dataset; None = tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
     c.data_dir = ml_collections.config_dict.placeholder(str)
@@ -32,16 +33,12 @@ def data_config(name: str) -> ml_collections.ConfigDict:
     c.image_size = (384, 128)
     # Caption length in tokens, start/end-of-text included (CLIP's 77).
     c.text_len = 77
-    # Training sampler: 'identity' = the reference's RandomIdnumSampler (per epoch each identity is split
-    # into chunks of 1..pairs_per_id pairs; each round draws global_batch // pairs_per_id distinct identities
-    # and takes one chunk of each); 'neighbours' = the same rounds, drawn as groups of neighbour_group identities
-    # whose captions read alike (TF-IDF, uit_jax/data/neighbours.py), so in-batch negatives are hard ones;
-    # 'random' = a fresh permutation of all pairs each epoch.
+    # Training sampler: 'identity' = the reference's RandomIdnumSampler (per epoch each identity is split into
+    # chunks of 1..pairs_per_id pairs; each round draws global_batch // pairs_per_id distinct identities and takes
+    # one chunk of each; data/samplers.py); 'random' = a fresh permutation of all pairs each epoch.
     c.sampler = "identity"
-    # Largest number of image-caption pairs of one identity that are kept together ('identity', 'neighbours').
+    # Largest number of image-caption pairs of one identity that are kept together ('identity').
     c.pairs_per_id = 2
-    # Identities per group of caption neighbours in a batch ('neighbours' sampler; at least 2).
-    c.neighbour_group = 4
     # Random horizontal flip (p 0.5).
     c.flip = True
     # Zero padding before the random crop back to image_size (the reference's Pad(10) + RandomCrop); 0 = off.
@@ -81,8 +78,5 @@ def data_config(name: str) -> ml_collections.ConfigDict:
         # 'crop': detector-style crops (person centred, low-saturation street, mild lighting), learnable from
         # scratch in minutes; 'street': the person anywhere in a colourful street, much harder.
         s.scene = "crop"
-        # Parent folder of the generated set (a reference to manual_dir): it is written, on first use, to
-        # manual_dir/<sizes and seed> (pipeline.synthetic_dir), so sets of different sizes coexist.
-        s.out_dir = c.get_ref("manual_dir")
         c.synthetic = s
     return c

@@ -231,7 +231,7 @@ def render_image(ident: Identity, rng: np.random.Generator, height: int, width: 
     the frame (+-3 px, scale 0.9-1), the street behind is of low saturation, lighting varies mildly and 10% of
     views have an occluder. scene 'street' is much harder: a colourful street, the person anywhere at scale
     0.82-1, strong lighting changes, 30% occluded. A small CLIP trained from scratch learns 'crop' in minutes;
-    on 'street' it stays near chance for a thousand steps (README, "Synthetic results").
+    on 'street' it stays near chance for a thousand steps.
     """
     if scene not in SCENES:
         raise ValueError(f"synthetic scene {scene!r} is not one of {SCENES}.")
@@ -276,9 +276,10 @@ def render_image(ident: Identity, rng: np.random.Generator, height: int, width: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Words. Every word a template can produce is in POS_TAGS.
+# Words. Every word a template can produce is in POS_TAGS. Public for the research tools (experiments/): the words
+# a caption may use for each noun, the plural nouns (no article) and the article rule.
 # ---------------------------------------------------------------------------------------------------------
-_NOUN_SYN = {
+NOUN_SYNONYMS = {
     "man": ["man", "guy", "male", "gentleman"],
     "woman": ["woman", "lady", "female", "girl"],
     "t-shirt": ["t-shirt", "tee"],
@@ -300,7 +301,7 @@ _NOUN_SYN = {
     "hat": ["hat"],
     "beanie": ["beanie"],
 }
-_PLURAL = {"pants", "jeans", "shorts", "sneakers", "boots", "sandals", "trousers", "trainers"}
+PLURAL_NOUNS = {"pants", "jeans", "shorts", "sneakers", "boots", "sandals", "trousers", "trainers"}
 _SUBJ = {"man": ("he", "his"), "woman": ("she", "her")}
 
 POS_TAGS: dict[str, str] = {
@@ -357,31 +358,32 @@ POS_TAGS: dict[str, str] = {
     ".": ".",
     ",": ",",
 }
-for _syns in _NOUN_SYN.values():
+for _syns in NOUN_SYNONYMS.values():
     for _w in _syns:
         for _part in _w.split():
-            POS_TAGS.setdefault(_part, "NNS" if _part in _PLURAL else "NN")
+            POS_TAGS.setdefault(_part, "NNS" if _part in PLURAL_NOUNS else "NN")
 for _c in list(COLORS) + list(HAIR_COLORS):
     POS_TAGS[_c] = "JJ"
 POS_TAGS["female"] = POS_TAGS["male"] = "NN"
 VOCABULARY: list[str] = sorted(POS_TAGS)
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """'a' or 'an' before `word`."""
     return "an" if word[0] in "aeiou" else "a"
 
 
 def _np_with_color(rng, color: str, noun: str, pattern: str = "plain") -> str:
     """'a red striped jacket' / 'blue jeans' / 'a pair of white sneakers'."""
     adj = color if pattern == "plain" or rng.uniform() < 0.3 else f"{color} {pattern}"
-    if noun in _PLURAL:
+    if noun in PLURAL_NOUNS:
         return f"a pair of {adj} {noun}" if rng.uniform() < 0.3 else f"{adj} {noun}"
-    return f"{_article(adj)} {adj} {noun}"
+    return f"{article(adj)} {adj} {noun}"
 
 
 def make_caption(ident: Identity, rng: np.random.Generator) -> str:
     """One annotator-style caption; some omit attributes (partial), clause order varies."""
-    syn = lambda k: str(rng.choice(_NOUN_SYN[k]))
+    syn = lambda k: str(rng.choice(NOUN_SYNONYMS[k]))
     subj, poss = _SUBJ[ident.gender]
     who = syn(ident.gender)
     adj = "young " if rng.uniform() < 0.2 else ""
@@ -392,7 +394,7 @@ def make_caption(ident: Identity, rng: np.random.Generator) -> str:
     clauses = []  # (kind, text) for the sentences after the opening one
     opening_kind = rng.integers(3)
     if opening_kind == 0:
-        opening = f"{_article(adj or who)} {adj}{who} with {hair} is wearing {upper}"
+        opening = f"{article(adj or who)} {adj}{who} with {hair} is wearing {upper}"
     elif opening_kind == 1:
         opening = f"the {who} has {hair} and wears {upper}"
     else:
@@ -464,7 +466,7 @@ class Spec:
 SPEC_FILE = "synthetic_spec.json"
 
 
-def _identities(spec: Spec) -> list[Identity]:
+def identities(spec: Spec) -> list[Identity]:
     """Distinct identities (no two share every attribute), in order of their 1-based id."""
     seen, out = set(), []
     total = spec.train_ids + spec.val_ids + spec.test_ids
@@ -485,7 +487,7 @@ def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False) -> list[d
     t0 = time.time()
     img_dir = os.path.join(out_dir, "imgs", "synth")
     os.makedirs(img_dir, exist_ok=True)
-    idents = _identities(spec)
+    idents = identities(spec)
     splits = ["train"] * spec.train_ids + ["val"] * spec.val_ids + ["test"] * spec.test_ids
     annos = []
     for i, (ident, split) in enumerate(zip(idents, splits)):

@@ -219,9 +219,8 @@ class VisionEmbeddings(nn.Module):
         )(images)
         x = x.reshape(x.shape[0], -1, d)  # row-major over (gh, gw), as torch's flatten(2)
         cls = layers.param(self, "class_embedding", nn.initializers.normal(d**-0.5), (d,), self.param_dtype)
-        # OpenAI CLIP's init, width^-0.5 like the class embedding (0.088 at the mini width 128; it was 0.01, about 1%
-        # of a patch token's size at init). It only matters from scratch (README, "From scratch": the same mean
-        # test R1 over three seeds, a narrower spread).
+        # OpenAI CLIP's init, width^-0.5 like the class embedding; it only matters from scratch (a narrower spread
+        # over seeds, docs/results.md).
         pos = nn.Embed(
             1 + c.num_patches,
             d,

@@ -185,10 +185,9 @@ def einsum_attention(q, k, v, mask=None, causal: bool = False):
 
     `mask` broadcasts to (B, N, T, S), True = attend; `causal` keeps key s <= query t. The same maths, fill value
     and float32 softmax as `jax.nn.dot_product_attention(..., implementation='xla')`, computed head-major
-    ((B, N, T, H): each head's products are contiguous batched matmuls) with a hand-written gradient. On XLA:CPU
-    (jaxlib 0.10.2, 2 cores) one ViT-B/16 layer's attention at batch 8 (193 tokens), forward and backward, takes
-    27.5 ms against 46.9 ms for 'xla' and 19.5 ms for PyTorch's `scaled_dot_product_attention`
-    (tools/bench_attention.py; README, "Benchmarks"). The residuals are q, k, v and the float32 probabilities.
+    ((B, N, T, H): each head's products are contiguous batched matmuls) with a hand-written gradient, because
+    XLA:CPU runs batched matmuls fastest with leading batch dimensions (docs/design.md, pitfalls). The residuals are
+    q, k, v and the float32 probabilities.
     """
     heads = lambda a: jnp.swapaxes(a, 1, 2)
     keep = _keep_mask(q.shape[1], k.shape[1], mask, causal)
@@ -314,26 +313,13 @@ class Block(nn.Module):
         return x + MLP(self.mlp, self.act, self.fc_std, self.proj_std, name="mlp", **kw)(h)
 
 
-# The residual stream's gradient, materialised once per block (XLA:CPU).
-#
-# In an unrolled stack of residual blocks the backward pass sums, at each block input, the residual's cotangent and
-# the block's own (LayerNorm-backward) terms: dx_i = dx_{i+1} + f_i. XLA:CPU (jaxlib 0.10.2) never writes dx_i to
-# memory: it fuses the whole elementwise chain into every consumer, so each of a block's gradient consumers (the
-# transposing copies that feed the weight-gradient matmuls, the next LayerNorm backward) re-reads the matmul
-# outputs of every later block. Cost and program size grow with depth squared: in a 12-layer width-768 tower the
-# largest fusion had 228 operands, and 67 such fusions held 30k of the program's 37k fused instructions.
-# `lax.optimization_barrier` does not stop it (XLA:CPU expands the barriers before fusing), nor do an
-# "expensive" op, `reduce_precision`, or a `cond`/`while` whose branches only forward the value (JAX forwards it
-# out of the control flow). What XLA cannot fuse across is a conditional that computes: the backward below sends
-# the cotangent through `lax.cond` on a runtime predicate, each branch multiplying by a runtime 1 (x * 1 == x for
-# every float, signed zeros, infinities and NaNs included; subnormals flush to zero as in any XLA:CPU arithmetic,
-# the residual sum's own included), so the gradient is the same and each dx_i is written once. XLA:CPU duplicates
-# the chain only for small residual tensors (batch 20 of 193 x 768 still, batch 24 not), where the barrier pays;
-# above that it costs one more pass over each block's gradient. Measured (README, "Benchmarks";
-# tools/bench_grad_barrier.py): the 12-layer tower's gradient at batch 8 6.45-6.71 -> 4.34-4.41 s, its compile
-# 5.9-6.3 -> 1.5 s; at batch 32 +2-4%; the ViT-B/16 batch-8 train step 1.57-1.68x SEN's PyTorch step -> 1.08-1.10x.
-# On by default on CPU only: a GPU conditional waits for its predicate on the host, and GPU fusion was not
-# measured to have the problem. UIT_JAX_GRAD_BARRIER=1 / 0 forces it on / off (read at trace time).
+# The residual stream's gradient, written to memory once per block (XLA:CPU). In an unrolled stack XLA:CPU fuses
+# the chain dx_i = dx_{i+1} + f_i into every consumer of each dx_i, so each re-reads every later block's outputs
+# (depth squared in time and program size); it cannot fuse across a conditional that computes, so the backward
+# below sends the cotangent through a `lax.cond` on a runtime predicate whose branches multiply by a runtime 1: the
+# same gradient, each dx_i written once (docs/design.md, the pitfall and the decision). It made the ViT-B/16
+# batch-8 CPU step 1.5x faster; on CPU only, as a GPU conditional waits for its predicate on the host.
+# UIT_JAX_GRAD_BARRIER=1 / 0 forces it on / off (read at trace time).
 GRAD_BARRIER_ENV = "UIT_JAX_GRAD_BARRIER"
 
 
@@ -389,7 +375,7 @@ def blocks(parent: nn.Module, x, count: int, prefix: str, *, scan: bool = False,
     a leading layer axis (`stacking.py`; checkpoints and Hugging Face state dicts hold them unrolled, `layers_0`,
     ...). They run under Flax's `nn.scan` (`jax.lax.scan`) either way:
       scan=False: unrolled, one copy of the block per layer in the program, each reading its layer's slice
-        (XLA:CPU runs this fastest: README, "Benchmarks");
+        (XLA:CPU runs this fastest: docs/benchmarks.md);
       scan=True: rolled, one copy of the block in a loop, so compile time does not grow with depth.
     The same function either way, and the same parameters.
       remat: 'none' | 'full' | 'dots' (`REMAT_POLICIES`): recompute the block's activations in the backward pass

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools import ablation  # noqa: E402
+from experiments import ablation  # noqa: E402
 
 
 def read_curve(workdir: str, metric: str = "R1") -> dict[float, float]:

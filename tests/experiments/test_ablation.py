@@ -6,7 +6,7 @@ import statistics
 import numpy as np
 import pytest
 
-from tools import ablation
+from experiments import ablation
 
 
 def _write_results(root, variant, seed, r1):

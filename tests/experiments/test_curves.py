@@ -3,7 +3,7 @@ variant, and names its run folders after the variant and its overrides."""
 
 import json
 
-from tools import curves
+from experiments import curves
 
 
 def test_curve_table_side_by_side(tmp_path):

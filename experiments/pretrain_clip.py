@@ -10,18 +10,18 @@ it does for OpenAI's weights), and its captions are generic alt-text-style lists
 
 `--mlm W` adds IRRA's masked-word objective (caption words hidden, predicted by a head whose masked tokens
 cross-attend to the image's tokens; the head is not saved). The shipped model is stage 1 (ITC) continued by eight
-stages with `--mlm 1`, each on new identities (the README's "The pre-trained mini CLIP" gives the commands).
+stages with `--mlm 1`, each on new identities (the commands below; docs/results.md has the figures).
 
 The result is written as a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer files), which
 `uit_jax.models.convert.load` and transformers' `CLIPModel.from_pretrained` both read, plus `pretrain.json`
 (command, seed, corpus, curve) and, with --eval_data_root, the zero-shot figures on the synthetic test split.
 
-    python tools/pretrain_clip.py --out /tmp/stage1 --ids 40000 --steps 3000 --warmup 100
-    python tools/pretrain_clip.py --out /tmp/stage2 --init /tmp/stage1 --corpus_seed 2 \
+    python experiments/pretrain_clip.py --out /tmp/stage1 --ids 40000 --steps 3000 --warmup 100
+    python experiments/pretrain_clip.py --out /tmp/stage2 --init /tmp/stage1 --corpus_seed 2 \
         --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1
-    python tools/pretrain_clip.py --out /tmp/stage3 --init /tmp/stage2 --corpus_seed 3 ...   # the same flags
-    python tools/pretrain_clip.py --out /tmp/stage4 --init /tmp/stage3 --corpus_seed 4 ...   # and 5-8 likewise
-    python tools/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage8 --corpus_seed 9 \
+    python experiments/pretrain_clip.py --out /tmp/stage3 --init /tmp/stage2 --corpus_seed 3 ...   # the same flags
+    python experiments/pretrain_clip.py --out /tmp/stage4 --init /tmp/stage3 --corpus_seed 4 ...   # and 5-8 likewise
+    python experiments/pretrain_clip.py --out uit_jax/assets/clip-mini-synthetic --init /tmp/stage8 --corpus_seed 9 \
         --ids 10000 --steps 1000 --lr 3e-4 --warmup 30 --mlm 1 \
         --eval_data_root ~/uit_data/synthetic_pedes/t1000_v300_e300_i4_128x64_s0_crop
 """
@@ -29,7 +29,6 @@ The result is written as a Hugging Face CLIP folder (config.json, model.safetens
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -54,30 +53,18 @@ from uit_jax.models import convert  # noqa: E402
 from uit_jax.models import uit as uit_lib  # noqa: E402
 from uit_jax.retrieval import Retriever  # noqa: E402
 
+
 # --------------------------------------------------------------------------------------------- the corpus
 # What each part of a generic caption names (the subject always names the gender).
-PARTS = {
-    "hair": ("hair", "hair_color"),
-    "upper": ("upper", "upper_color", "pattern"),
-    "lower": ("lower", "lower_color"),
-    "shoes": ("shoes", "shoe_color"),
-    "bag": ("bag", "bag_color"),
-    "headwear": ("headwear", "head_color"),
-}
-
-
-def generic_caption(
-    ident: synth.Identity, rng: np.random.Generator, name_prob: float = 0.7, named: list | None = None
-) -> str:
-    """An alt-text-style caption: the subject, then a random subset of the attributes in random order. The names
-    (`PARTS`' keys) of the parts it mentions are appended to `named` when given.
+def generic_caption(ident: synth.Identity, rng: np.random.Generator, name_prob: float = 0.7) -> str:
+    """An alt-text-style caption: the subject, then a random subset of the attributes in random order.
 
     Words are drawn from the same synonym lists as the dataset's annotators use ("a lady", "a jumper"): web
     alt-text, on which CLIP is trained, uses all of them, and a word the pre-training never saw starts fine-tuning
     from a random embedding.
     """
-    plural = synth._PLURAL
-    syn = lambda k: str(rng.choice(synth._NOUN_SYN[k]))
+    plural = synth.PLURAL_NOUNS
+    syn = lambda k: str(rng.choice(synth.NOUN_SYNONYMS[k]))
     parts = [
         f"{ident.hair} {ident.hair_color} hair",
         f"{ident.upper_color} {ident.pattern if ident.pattern != 'plain' else ''} {syn(ident.upper)}".replace(
@@ -86,21 +73,16 @@ def generic_caption(
         f"{ident.lower_color} {syn(ident.lower)}",
         f"{ident.shoe_color} {syn(ident.shoes)}",
     ]
-    keys = ["hair", "upper", "lower", "shoes"]
     if ident.bag != "none":
         parts.append(f"{ident.bag_color} {syn(ident.bag)}")
-        keys.append("bag")
     if ident.headwear != "none":
         parts.append(f"{ident.head_color} {syn(ident.headwear)}")
-        keys.append("headwear")
     picked = [k for k in range(len(parts)) if rng.uniform() < name_prob] or [int(rng.integers(len(parts)))]
-    if named is not None:
-        named.extend(keys[k] for k in picked)
     keep = [parts[k] for k in picked]
     keep = [keep[i] for i in rng.permutation(len(keep))]
-    keep = [p if p.split()[-1] in plural or p.endswith("hair") else f"{synth._article(p)} {p}" for p in keep]
+    keep = [p if p.split()[-1] in plural or p.endswith("hair") else f"{synth.article(p)} {p}" for p in keep]
     who = syn(ident.gender)
-    return f"{synth._article(who)} {who}, " + ", ".join(keep)
+    return f"{synth.article(who)} {who}, " + ", ".join(keep)
 
 
 def square_view(ident: synth.Identity, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -121,93 +103,22 @@ def square_view(ident: synth.Identity, rng: np.random.Generator, size: int) -> n
 def make_corpus(
     num_ids: int, views: int, captions: int, size: int, seed: int, tokenizer, text_len: int, name_prob: float = 0.7
 ):
-    """(images uint8 (N, S, S, 3), ids (N, captions, L) int32, named (N, captions) uint8): `views` images per
-    identity of seed `seed`; image n shows identity n // views; bit k of `named` is set when the caption names the
-    k-th of `PARTS`."""
+    """(images uint8 (N, S, S, 3), ids (N, captions, L) int32): `views` images per identity of seed `seed`; image n
+    shows identity n // views."""
     images = np.empty((num_ids * views, size, size, 3), np.uint8)  # filled in place: 40,000 ids x 2 views is 3.9 GB
     texts = np.empty((num_ids * views, captions, text_len), np.int32)
-    named = np.zeros((num_ids * views, captions), np.uint8)
-    bit = {k: 1 << i for i, k in enumerate(PARTS)}
     for i in range(num_ids):
         ident = corpus_identity(seed, i)
         rng = np.random.default_rng([seed, i, 1])
         for v in range(views):
             images[i * views + v] = square_view(ident, rng, size)
-            caps = []
-            for c in range(captions):
-                parts: list[str] = []
-                caps.append(generic_caption(ident, rng, name_prob, parts))
-                named[i * views + v, c] = sum(bit[k] for k in parts)
+            caps = [generic_caption(ident, rng, name_prob) for _ in range(captions)]
             texts[i * views + v] = tok_lib.tokenize(tokenizer, caps, text_len)
-    return images, texts, named
+    return images, texts
 
 
 def corpus_identity(seed: int, i: int) -> synth.Identity:
     return synth.sample_identity(np.random.default_rng([seed, i]))
-
-
-def attribute_neighbours(num_ids: int, seed: int, max_diff: int) -> list[np.ndarray]:
-    """Per identity, the other identities whose attributes differ in 1..max_diff fields (skin excluded: no caption
-    names it). They are the hard negatives a random batch almost never holds: in 128 random identities the upper
-    and lower colours alone tell nearly every pair apart, so plain contrastive batches teach little else."""
-    fields = [f.name for f in dataclasses.fields(synth.Identity) if f.name != "skin"]
-    idents = [corpus_identity(seed, i) for i in range(num_ids)]
-    table = np.array([[str(getattr(x, f)) for f in fields] for x in idents])
-    table = np.stack([np.unique(col, return_inverse=True)[1] for col in table.T], 1).astype(np.int8)
-    out = []
-    for start in range(0, num_ids, 512):
-        diff = (table[start : start + 512, None, :] != table[None, :, :]).sum(-1)  # (b, N)
-        out.extend(np.flatnonzero((d >= 1) & (d <= max_diff)) for d in diff)
-    return out
-
-
-def draw_batch(rng, batch: int, views: int, neighbours: list[np.ndarray], hard: float) -> np.ndarray:
-    """Image indices of one batch, one view per identity. A fraction `hard` of the identities are attribute
-    neighbours of the others (see `attribute_neighbours`); the rest are drawn at random."""
-    n_ids = len(neighbours)
-    n_hard = int(round(batch * hard / 2))
-    chosen: dict[int, None] = {}
-    for i in rng.permutation(n_ids):
-        if len(chosen) >= batch:
-            break
-        if i in chosen:
-            continue
-        chosen[int(i)] = None
-        if n_hard > 0 and len(neighbours[i]) and len(chosen) < batch:
-            n_hard -= 1
-            free = [j for j in rng.permutation(neighbours[i])[:8] if int(j) not in chosen]
-            if free:
-                chosen[int(free[0])] = None
-    ids = np.fromiter(chosen, np.int64)[:batch]
-    return ids * views + rng.integers(views, size=len(ids))
-
-
-def part_codes(num_ids: int, seed: int) -> np.ndarray:
-    """(num_ids, 1 + len(PARTS)) int: per identity, a code for its gender and for each part's attributes (two
-    identities share a code when every attribute of that part is equal)."""
-    idents = [corpus_identity(seed, i) for i in range(num_ids)]
-    cols = [[x.gender for x in idents]] + [
-        ["|".join(getattr(x, f) for f in fs) for x in idents] for fs in PARTS.values()
-    ]
-    return np.stack([np.unique(np.array(c), return_inverse=True)[1] for c in cols], 1)
-
-
-def consistent(codes: np.ndarray, named: np.ndarray) -> np.ndarray:
-    """(B, B) bool: caption i (of the identity with part codes codes[i], naming the parts in bitmask named[i])
-    describes image j truthfully: same gender and, for every part it names, the same attributes."""
-    need = np.c_[np.ones(len(named), bool), (named[:, None] >> np.arange(len(PARTS))) & 1 == 1]  # (B, 1 + P)
-    same = codes[:, None, :] == codes[None, :, :]  # (B_txt, B_img, 1 + P)
-    return np.all(same | ~need[:, None, :], axis=-1)
-
-
-def multi_positive_itc(z_img, z_txt, logit_scale, pos):
-    """InfoNCE where pos[i, j] (caption i, image j) marks every true description as a positive, not only the pair's
-    own: -log of the softmax mass on the positives, text-to-image and image-to-text, averaged."""
-    logits = logit_scale * (losses.l2_normalize(z_txt) @ losses.l2_normalize(z_img).T)  # (B_txt, B_img)
-    masked = jnp.where(pos, logits, -jnp.inf)
-    t2i = jax.nn.logsumexp(logits, axis=1) - jax.nn.logsumexp(masked, axis=1)
-    i2t = jax.nn.logsumexp(logits, axis=0) - jax.nn.logsumexp(masked, axis=0)
-    return 0.5 * (jnp.mean(t2i) + jnp.mean(i2t))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -235,19 +146,16 @@ def mlm_mask(ids: np.ndarray, rng: np.random.Generator, rate: float, maskable: n
 
 
 def make_step(model, tx, head=None, mlm_weight: float = 0.0):
-    """The jitted update. Without `head`, `params` are the CLIP's and the loss is (multi-positive) ITC. With an
+    """The jitted update. Without `head`, `params` are the CLIP's and the loss is ITC. With an
     MLM head (`uit_jax.models.uit.MLMHead`), `params` is {"clip", "mlm"} and the loss adds `mlm_weight` x the
     masked-word cross-entropy: the masked caption's tokens cross-attend to the image's tokens (IRRA's objective)."""
 
-    def loss_fn(params, images, ids, pos, mlm_ids, mlm_labels):
+    def loss_fn(params, images, ids, mlm_ids, mlm_labels):
         clip_params = params["clip"] if head is not None else params
         img = model.apply({"params": clip_params}, images, method=model.encode_image)
         z_txt = model.apply({"params": clip_params}, ids, method=model.encode_text)["embed"]
         scale = jnp.exp(jnp.clip(clip_params["logit_scale"], 0.0, np.log(100.0)))  # CLIP clips at 100
-        if pos is None:
-            itc = losses.itc(img["embed"], z_txt, scale)
-        else:
-            itc = multi_positive_itc(img["embed"], z_txt, scale, pos)
+        itc = losses.itc(img["embed"], z_txt, scale)
         if head is None:
             return itc, dict(itc=itc)
         masked = model.apply({"params": clip_params}, mlm_ids, method=model.encode_text)["tokens"]
@@ -258,8 +166,8 @@ def make_step(model, tx, head=None, mlm_weight: float = 0.0):
         return itc + mlm_weight * mlm, dict(itc=itc, mlm=mlm, mlm_acc=acc)
 
     @jax.jit
-    def step(params, opt_state, images, ids, pos=None, mlm_ids=None, mlm_labels=None):
-        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, ids, pos, mlm_ids, mlm_labels)
+    def step(params, opt_state, images, ids, mlm_ids=None, mlm_labels=None):
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, ids, mlm_ids, mlm_labels)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, parts
 
@@ -328,14 +236,15 @@ def corpus_gap(model_dir: str, ids: int) -> dict:
     if UNSEEN_SEED in _stage_seeds(record):
         raise SystemExit(
             f"{model_dir}/pretrain.json: a stage of this model trained on corpus seed {UNSEEN_SEED}, the seed the "
-            "memorisation check uses as unseen; change UNSEEN_SEED in tools/pretrain_clip.py to a seed no stage used."
+            "memorisation check uses as unseen; change UNSEEN_SEED in experiments/pretrain_clip.py to a seed no stage "
+            "used."
         )
     model, params = convert.load(model_dir, image_size=(args["size"], args["size"]))
     tokenizer = tok_lib.load_tokenizer(model_dir)
     r = _retriever(model, params, tokenizer, (args["size"], args["size"]))
     out = {}
     for name, s in (("seen", args["corpus_seed"]), ("unseen", UNSEEN_SEED)):
-        images, texts, _ = make_corpus(
+        images, texts = make_corpus(
             ids, args["views"], args["captions"], args["size"], s, tokenizer, args["text_len"],
             args.get("name_prob", 0.7),
         )  # fmt: skip
@@ -359,7 +268,7 @@ def parse(argv=None):
     p.add_argument("--text_len", type=int, default=56, help="text positions (the synthetic default's data.text_len)")
     p.add_argument(
         "--ids", type=int, default=40000,
-        help="identities in the corpus (6,000 memorised: README, 'Why 40,000 identities'; 40,000 x 2 views: 3.9 GB)",
+        help="identities in the corpus (6,000 were memorised; 40,000 x 2 views: 3.9 GB)",
     )  # fmt: skip
     p.add_argument("--views", type=int, default=2, help="images per identity")
     p.add_argument("--captions", type=int, default=2, help="generic captions per image (one drawn per step)")
@@ -374,15 +283,6 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--log_every", type=int, default=100)
-    p.add_argument(
-        "--hard", type=float, default=0.0,
-        help="fraction of each batch made of attribute neighbours (identities differing in 1..--max_diff fields)",
-    )  # fmt: skip
-    p.add_argument("--max_diff", type=int, default=5, help="most differing attributes of a hard neighbour")
-    p.add_argument(
-        "--consistent", action="store_true",
-        help="count every in-batch image a caption truthfully describes as its positive (no false negatives)",
-    )  # fmt: skip
     p.add_argument(
         "--mlm", type=float, default=0.0,
         help="weight of a masked-word objective (IRRA's MLM: masked caption words predicted from the image); 0: off",
@@ -434,7 +334,7 @@ def _log_row(a, step: int, clip_params, parts: dict, t_train: float) -> dict:
 def _write_record(a, argv, n_images: int, curve: list, t0: float) -> dict:
     """OUT/pretrain.json: the command, arguments, corpus, time and curve (and --init's own record)."""
     record = dict(
-        command="python tools/pretrain_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command="python experiments/pretrain_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         args=vars(a),
         corpus=dict(
             images=n_images, identities=a.ids, scene="street on a square canvas", captions="generic, with synonyms"
@@ -477,9 +377,7 @@ def main(argv=None) -> dict:
         a.preset, vocab_size=len(tokenizer), image_size=(a.size, a.size), text_len=a.text_len,
         eot_token_id=tok_lib.eot_id(tokenizer),
     )  # fmt: skip
-    images, texts, named = make_corpus(
-        a.ids, a.views, a.captions, a.size, a.corpus_seed, tokenizer, a.text_len, a.name_prob
-    )
+    images, texts = make_corpus(a.ids, a.views, a.captions, a.size, a.corpus_seed, tokenizer, a.text_len, a.name_prob)
     print(f"corpus: {len(images)} images of {a.ids} identities, {a.size}x{a.size}, in {time.time() - t0:.0f}s")
 
     model = clip_lib.CLIP(config)
@@ -498,21 +396,13 @@ def main(argv=None) -> dict:
     opt_state = tx.init(params)
     step = make_step(model, tx, head, a.mlm)
     rng = np.random.default_rng(a.seed)
-    if a.hard > 0 and a.batch > a.ids:
-        raise SystemExit(f"--hard needs --batch ({a.batch}) <= --ids ({a.ids}): one view per identity in a batch.")
-    neighbours = attribute_neighbours(a.ids, a.corpus_seed, a.max_diff) if a.hard > 0 else []
-    codes = part_codes(a.ids, a.corpus_seed) if a.consistent else None
     curve, t_train = [], time.time()
     for i in range(a.steps):
-        if a.hard > 0:
-            idx = draw_batch(rng, a.batch, a.views, neighbours, a.hard)
-        else:  # as the shipped model was made (any images; two views of one person may meet)
-            idx = rng.choice(len(images), a.batch, replace=False)
+        idx = rng.choice(len(images), a.batch, replace=False)  # any images: two views of one person may meet
         cap = rng.integers(a.captions, size=a.batch)
-        pos = consistent(codes[idx // a.views], named[idx, cap]) if a.consistent else None
         ids = texts[idx, cap]
         extra = dict(zip(("mlm_ids", "mlm_labels"), mlm_mask(ids, mrng, a.mlm_rate, maskable, mask_id))) if head else {}
-        params, opt_state, parts = step(params, opt_state, augment_batch(images[idx], rng), ids, pos, **extra)
+        params, opt_state, parts = step(params, opt_state, augment_batch(images[idx], rng), ids, **extra)
         if (i + 1) % a.log_every == 0 or i + 1 == a.steps:
             curve.append(_log_row(a, i + 1, params["clip"] if head else params, parts, t_train))
     params = params["clip"] if head else params

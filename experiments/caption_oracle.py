@@ -8,7 +8,7 @@ can expect from the words alone.
 
     python tools/caption_oracle.py --data_root ~/uit_data/synthetic_pedes/<set folder> [--split test]
 
-`--fields upper_color,pattern,...` ranks by those attributes only: which attributes a given R1 needs (README).
+`--fields upper_color,pattern,...` ranks by those attributes only: which attributes a given R1 needs.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from uit_jax import metrics  # noqa: E402
 from uit_jax.data import synthetic as synth  # noqa: E402
 
-_GENDER = {w: g for g, syns in (("man", synth._NOUN_SYN["man"]), ("woman", synth._NOUN_SYN["woman"])) for w in syns}
+_GENDER = {
+    w: g for g, syns in (("man", synth.NOUN_SYNONYMS["man"]), ("woman", synth.NOUN_SYNONYMS["woman"])) for w in syns
+}
 _GENDER.update(he="man", she="woman", his="man", her="woman")
 # garment noun (first word of a synonym) -> (slot, canonical value); 'bag' alone is the shoulder bag
 _NOUNS = {}
 for slot, values in (("upper", synth.UPPER), ("lower", synth.LOWER), ("shoes", synth.SHOES), ("bag", synth.BAGS),
                      ("headwear", synth.HEADWEAR)):  # fmt: skip
     for v in values:
-        for syn in synth._NOUN_SYN.get(v, []):
+        for syn in synth.NOUN_SYNONYMS.get(v, []):
             _NOUNS[syn.split()[-1]] = (slot, v)
 _COLOR_SLOT = {"upper": "upper_color", "lower": "lower_color", "shoes": "shoe_color", "bag": "bag_color",
                "headwear": "head_color"}  # fmt: skip
@@ -95,7 +97,7 @@ def read_split(data_root: str, split: str) -> tuple[dict[int, synth.Identity], l
     spec = synth.read_spec(root)
     if spec is None:
         raise SystemExit(f"{root} holds no {synth.SPEC_FILE}: not a synthetic set written by uit_jax.")
-    identities = {i + 1: ident for i, ident in enumerate(synth._identities(spec))}
+    identities = {i + 1: ident for i, ident in enumerate(synth.identities(spec))}
     with open(os.path.join(root, "reid_raw.json")) as f:
         return identities, [x for x in json.load(f) if x["split"] == split]
 

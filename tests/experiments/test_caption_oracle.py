@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tools import caption_oracle
+from experiments import caption_oracle
 from uit_jax.data import synthetic as synth
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools import caption_oracle  # noqa: E402
+from experiments import caption_oracle  # noqa: E402
 from uit_jax import retrieval  # noqa: E402
 from uit_jax.data import images  # noqa: E402
 from uit_jax.data import synthetic as synth  # noqa: E402
@@ -78,7 +78,7 @@ def supervised(
     if random_init:
         dummy = (jnp.zeros((1, *size, 3)), jnp.zeros((1, model.config.text_len), jnp.int32))
         params = jax.jit(model.init)(jax.random.key(1), *dummy)["params"]
-    everyone = synth._identities(synth.read_spec(root))
+    everyone = synth.identities(synth.read_spec(root))
     values = {f: sorted({str(getattr(v, f)) for v in everyone}) for f in FIELDS}
     n_cls = {f: len(v) for f, v in values.items()}
     data = {}

@@ -1,4 +1,4 @@
-"""The project's pre-trained mini CLIP: written by tools/pretrain_clip.py in Hugging Face format, read by
+"""The project's pre-trained mini CLIP: written by experiments/pretrain_clip.py in Hugging Face format, read by
 `clip.load` and by transformers' `CLIPModel.from_pretrained` with the same embeddings; the shipped copy loads."""
 
 import json
@@ -12,10 +12,9 @@ import safetensors.numpy
 import torch
 import transformers
 
+from experiments import pretrain_clip
 from tests import numerics
 from tests.models import random_clip_params
-from tools import pretrain_clip
-from uit_jax import losses
 from uit_jax.data import synthetic as synth
 from uit_jax.data import text as text_lib
 from uit_jax.data import tokenizer as tk
@@ -66,7 +65,7 @@ def test_generic_captions_and_square_views():
     caps = [pretrain_clip.generic_caption(ident, rng) for _ in range(40)]
     subjects = {c.split(",")[0].split()[-1] for c in caps}
     # the subject and garments in the annotators' words too (synonyms), so no dataset word is unseen
-    assert subjects == set(synth._NOUN_SYN[ident.gender]) and len(set(caps)) > 20
+    assert subjects == set(synth.NOUN_SYNONYMS[ident.gender]) and len(set(caps)) > 20
     assert all(c.startswith(("a ", "an ")) for c in caps)
     vocab = set(synth.VOCABULARY)
     assert all(w in vocab for c in caps for w in synth.caption_words(c)), "the tokenizer only knows VOCABULARY"
@@ -107,11 +106,11 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
     # Fine-tuning size: the position embeddings are resized from the square grid, as for OpenAI's CLIP.
     model, _ = convert.load(out, image_size=(64, 32))
     assert model.config.grid == (8, 4) and model.config.text_len == 24
-    # Continued from that folder with attribute-neighbour batches.
+    # Continued from that folder with the masked-word objective, as the later stages of the shipped model.
     more = pretrain_clip.main(
-        ["--out", str(tmp_path / "more"), "--init", out, "--hard", "0.5", "--max_diff", "14", "--preset", "tiny",
-         "--size", "32", "--text_len", "24", "--ids", "6", "--steps", "2", "--warmup", "1", "--batch", "4",
-         "--log_every", "1", "--consistent", "--mlm", "1", "--mlm_layers", "1"]
+        ["--out", str(tmp_path / "more"), "--init", out, "--preset", "tiny", "--size", "32", "--text_len", "24",
+         "--ids", "6", "--steps", "2", "--warmup", "1", "--batch", "4", "--log_every", "1", "--mlm", "1",
+         "--mlm_layers", "1"]
     )  # fmt: skip
     assert more["args"]["init"] == out and np.isfinite(more["curve"][-1]["loss"])
     assert np.isfinite(more["curve"][-1]["mlm"]) and 0 <= more["curve"][-1]["mlm_acc"] <= 1
@@ -126,22 +125,6 @@ def test_pretrain_tool_writes_a_checkpoint_both_libraries_read(tmp_path):
         json.dump(saved, f)
     with pytest.raises(SystemExit, match=f"a stage of this model trained on corpus seed {pretrain_clip.UNSEEN_SEED}"):
         pretrain_clip.main(["--out", str(tmp_path / "more"), "--eval_only", "--gap_ids", "3"])
-
-
-def test_attribute_neighbours_and_hard_batches():
-    nb = pretrain_clip.attribute_neighbours(300, seed=1, max_diff=6)
-    fields = [f for f in pretrain_clip.dataclasses.fields(synth.Identity) if f.name != "skin"]
-    ids = [pretrain_clip.corpus_identity(1, i) for i in range(300)]
-    for i in (0, 17, 299):  # brute force: every other identity, field by field
-        diff = [sum(getattr(ids[i], f.name) != getattr(ids[j], f.name) for f in fields) for j in range(300)]
-        assert sorted(nb[i].tolist()) == [j for j in range(300) if 1 <= diff[j] <= 6]
-    rng = np.random.default_rng(0)
-    for hard in (0.0, 0.5, 1.0):
-        batch = pretrain_clip.draw_batch(rng, 32, 2, nb, hard)
-        people = batch // 2
-        assert len(batch) == 32 and len(set(people.tolist())) == 32  # one view per identity: no false negatives
-        close = sum(any(j in nb[i] for j in people if j != i) for i in people)
-        assert close >= (16 if hard == 1.0 else 0)
 
 
 def test_shipped_model_loads_in_both_libraries():
@@ -172,49 +155,6 @@ def test_synthetic_default_fine_tunes_the_shipped_model_with_the_paper_recipe():
     assert (scratch.data.crop_pad, scratch.data.keyword_prob, scratch.data.flip) == (0, 0.0, True)
 
 
-def test_named_parts_and_consistent_positives():
-    """`make_corpus` records which parts each caption names; `consistent` marks, against a brute-force reading of
-    the attributes, every image a caption describes truthfully."""
-    tok = tk.load_tokenizer(SHIPPED)
-    n = 60
-    _, _, named = pretrain_clip.make_corpus(n, 1, 2, 32, 3, tok, 56)
-    idents = [pretrain_clip.corpus_identity(3, i) for i in range(n)]
-    parts = list(pretrain_clip.PARTS)
-    for i in range(n):  # the captions again, with the same draws, and the parts they name
-        rng = np.random.default_rng([3, i, 1])
-        pretrain_clip.square_view(idents[i], rng, 32)
-        for c in range(2):
-            said: list[str] = []
-            text = pretrain_clip.generic_caption(idents[i], rng, 0.7, said)
-            assert named[i, c] == sum(1 << parts.index(k) for k in said)
-            assert ("hair" in said) == (" hair" in text)
-    codes = pretrain_clip.part_codes(n, 3)
-    pos = pretrain_clip.consistent(codes, named[:, 0])
-    for i in range(n):
-        for j in range(n):
-            said = [k for b, k in enumerate(parts) if named[i, 0] >> b & 1]
-            fields = ["gender"] + [f for k in said for f in pretrain_clip.PARTS[k]]
-            assert pos[i, j] == all(getattr(idents[i], f) == getattr(idents[j], f) for f in fields), (i, j)
-    assert pos.diagonal().all() and 0 < pos.sum() - n  # some captions describe other people too
-
-
-def test_multi_positive_itc_against_numpy():
-    rng = np.random.default_rng(0)
-    zi, zt = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
-    eye = np.eye(6, dtype=bool)
-    # float32 logits of magnitude <= 10 (the scale): the log-sum-exps are exact to a few eps of that magnitude
-    tol = 64 * numerics.F32_EPS * 10.0
-    got = float(pretrain_clip.multi_positive_itc(zi, zt, 10.0, eye))
-    assert abs(got - float(losses.itc(zi, zt, 10.0))) <= tol  # one positive each: CLIP's own ITC
-    pos = eye | (rng.uniform(size=(6, 6)) < 0.3)
-    ni, nt = zi / np.linalg.norm(zi, axis=1, keepdims=True), zt / np.linalg.norm(zt, axis=1, keepdims=True)
-    p = np.exp(10.0 * nt @ ni.T)  # (text, image)
-    t2i = -np.log((p * pos).sum(1) / p.sum(1))
-    i2t = -np.log((p * pos).sum(0) / p.sum(0))
-    got = float(pretrain_clip.multi_positive_itc(zi, zt, 10.0, pos))
-    assert abs(got - 0.5 * (t2i.mean() + i2t.mean())) <= tol and abs(got - float(losses.itc(zi, zt, 10.0))) > 0.05
-
-
 def test_mlm_masks_words_not_articles():
     """`mlm_mask` hides maskable words only, at the asked rate, each hidden word a target; every caption gets one."""
     tok = tk.load_tokenizer(SHIPPED)
@@ -223,7 +163,7 @@ def test_mlm_masks_words_not_articles():
     never = tok(["a an ,"], add_special_tokens=False)["input_ids"][0] + [0, mask_id, tk.sot_id(tok), tk.eot_id(tok)]
     words = tok(["lady long brown hair black boots"], add_special_tokens=False)["input_ids"][0]
     assert not maskable[never].any() and maskable[words].all()
-    _, ids, _ = pretrain_clip.make_corpus(200, 1, 2, 32, 3, tok, 56)
+    _, ids = pretrain_clip.make_corpus(200, 1, 2, 32, 3, tok, 56)
     ids = ids.reshape(-1, 56)
     masked, labels = pretrain_clip.mlm_mask(ids, np.random.default_rng(0), 0.3, maskable, mask_id)
     hidden = masked != ids
@@ -254,7 +194,7 @@ def test_mlm_objective_reads_the_image():
     tx = optax.sgd(0.0)
     plain = pretrain_clip.make_step(model, tx)(params, tx.init(params), images[0], ids)[2]
     step = pretrain_clip.make_step(model, tx, head, 0.5)
-    a, b = (step(both, tx.init(both), im, ids, None, mlm_ids, labels)[2] for im in images)
+    a, b = (step(both, tx.init(both), im, ids, mlm_ids, labels)[2] for im in images)
     # the same float32 ops in two programs, fused differently: equal to some tens of ulps of the loss
     assert abs(float(a["itc"]) - float(plain["itc"])) <= 100 * numerics.F32_EPS * max(1.0, abs(float(plain["itc"])))
     assert abs(float(a["mlm"]) - float(b["mlm"])) > 1e-4  # another image, another prediction of the hidden words
