@@ -1,9 +1,9 @@
 """The synthetic ablation: each variant of configs/synthetic.py trained with several seeds; a table of mean and spread.
 
-    python tools/ablation.py --root runs/ablation [--variants full,no_restoration,no_triplet,no_text_aug]
+    python experiments/ablation.py --root runs/ablation [--variants full,no_restoration,no_triplet,no_text_aug]
         [--seeds 0,1,2] [--extra --config.data.data_dir=DIR ...]
 
-Each run is the README's main command, `python -m uit_jax.main --config=configs/synthetic.py:VARIANT
+Each run is the training command, `python -m uit_jax.main --config=configs/synthetic.py:VARIANT
 --workdir=ROOT/VARIANT_sSEED --config.seed=SEED` (the seed sets the initialisation, data order and augmentations;
 the synthetic set itself is the same). A finished run (results.json present) is not run again, so an interrupted
 ablation resumes. The table (test split, at the best-validation checkpoint; mean +- sample standard deviation over
@@ -16,44 +16,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from anywhere
+
+from tools import seeds  # noqa: E402
+
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 
 def run_one(root: str, variant: str, seed: int, extra: list[str]) -> dict:
-    workdir = os.path.join(root, f"{variant}_s{seed}")
-    results_path = os.path.join(workdir, "results.json")
-    if not os.path.exists(results_path):
-        cmd = [
-            sys.executable,
-            "-m",
-            "uit_jax.main",
-            f"--config=configs/synthetic.py:{variant}",
-            f"--workdir={workdir}",
-            f"--config.seed={seed}",
-            *extra,
-        ]
-        print("$", " ".join(cmd), flush=True)
-        os.makedirs(workdir, exist_ok=True)
-        t0 = time.time()
-        with open(os.path.join(workdir, "log.txt"), "w") as log:
-            rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        if rc:
-            raise SystemExit(f"{variant} seed {seed} failed (exit {rc}); see {workdir}/log.txt")
-        with open(os.path.join(workdir, "wall_seconds.txt"), "w") as f:
-            f.write(f"{time.time() - t0:.1f}\n")
-    with open(results_path) as f:
-        res = json.load(f)
-    wall = os.path.join(workdir, "wall_seconds.txt")
-    res["wall_seconds"] = None
-    if os.path.exists(wall):
-        with open(wall) as f:
-            res["wall_seconds"] = float(f.read())
-    return res
+    """One variant and seed (tools/seeds.py's runner: resumable, a failed run names its log)."""
+    return seeds.run_seed(root, f"configs/synthetic.py:{variant}", seed, extra, name=f"{variant}_s{seed}")
 
 
 def summarize(results: dict[str, list[dict]]) -> str:

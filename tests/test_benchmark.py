@@ -111,3 +111,10 @@ def test_input_benchmark_runs_on_a_small_set(tmp_path, capsys):
     )  # fmt: skip
     assert out["shape"] == [8, 64, 32, 3] and out["pairs_per_s"] > 0
     assert "pairs/s wall" in capsys.readouterr().out
+
+
+def test_metrics_benchmark_times_both_directions():
+    from tools import bench_metrics
+
+    out = bench_metrics.main(["--queries=300", "--gallery=200", "--ids=50", "--dim=16", "--repeats=1"])
+    assert out["t2i_s_median"] > 0 and out["i2t_s_median"] > 0 and 0 <= out["i2t_R1"] <= 100

@@ -38,12 +38,14 @@ def test_fake_id_encoder_scores_100_through_padding_and_mask():
     assert {k: res[k] for k in ("R1", "R5", "R10", "mAP", "mINP")} == dict.fromkeys(
         ("R1", "R5", "R10", "mAP", "mINP"), 100.0
     )
+    # Image-to-text on the same embeddings: every image ranks the captions of its person first.
+    assert {k: res[k] for k in evaluate.I2T_METRICS} == dict.fromkeys(evaluate.I2T_METRICS, 100.0)
     # A wrong encoder scores below 100: the check can fail.
     shifted = lambda params, ids: jax.nn.one_hot((ids[:, 0] + 1) % IDS, IDS)
     ev = evaluate.Evaluator("val", None, gallery, queries, evaluate.jit_encoders(enc_img, shifted, mesh), mesh)
     with jax.set_mesh(mesh):
         bad = ev(None)
-    assert bad["R1"] < 50.0
+    assert bad["R1"] < 50.0 and bad["i2t_R1"] < 50.0
 
 
 def test_empty_split_is_an_error():
@@ -57,6 +59,10 @@ def test_format_table():
     row = {"R1": 50.0, "R5": 75.5, "R10": 80.0, "mAP": 40.25, "mINP": 30.0}
     table = evaluate.format_table({"test @ step 4": row})
     assert table.splitlines()[1].split() == ["test", "@", "step", "4", "50.00", "75.50", "80.00", "40.25", "30.00"]
+    both = dict(row, i2t_R1=60.0, i2t_R5=70.0, i2t_R10=90.0, i2t_mAP=45.5, i2t_mINP=1.0)
+    head, line = evaluate.format_table({"test": both}).splitlines()
+    assert head.split() == ["split", "R1", "R5", "R10", "mAP", "mINP", "i2t_R1", "i2t_R5", "i2t_R10", "i2t_mAP"]
+    assert line.split()[-4:] == ["60.00", "70.00", "90.00", "45.50"]
 
 
 def test_cadence_every_n_steps_and_at_the_end():

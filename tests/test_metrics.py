@@ -164,3 +164,29 @@ def test_same_figures_as_the_argsort_ranking():
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-12, atol=1e-9, err_msg=key)
     with pytest.raises(ValueError, match="NaN"):
         retrieval_metrics(np.full((2, 3), np.nan), [0, 1], [0, 1, 1])
+
+
+@pytest.mark.parametrize("levels", [0, 3])  # 0: no ties; 3: scores from three values, so ties everywhere
+def test_image_to_text_against_a_brute_force_loop(levels):
+    """Image-to-text as the Evaluator computes it (each image ranks every caption, positives by person id) on the
+    transposed similarity, against the plain loop on a transposed copy, ties broken by caption index."""
+    rng = np.random.default_rng(11 + levels)
+    q_pids = np.concatenate([np.arange(9), rng.integers(0, 9, 31)])  # 40 captions, every id among them
+    g_pids = rng.integers(0, 9, 23)  # 23 images
+    sim = rng.normal(size=(40, 23)) + (q_pids[:, None] == g_pids[None, :])
+    if levels:
+        sim = np.floor(levels * (sim - sim.min()) / (sim.max() - sim.min() + 1e-9)).astype(np.float32)
+    got = retrieval_metrics(sim.T, g_pids, q_pids, block_size=7)  # a strided view, in blocks
+    ref = brute_force(np.ascontiguousarray(sim.T), g_pids, q_pids)  # python's sort is stable: ties by index
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-12, atol=1e-9, err_msg=k)
+
+
+def test_a_strided_block_is_copied_exactly():
+    from uit_jax.metrics import _contiguous
+
+    a = np.arange(7 * 11, dtype=np.float32).reshape(7, 11)
+    for view in (a.T, a[:, ::2], a.T[1:5]):
+        out = _contiguous(view, tile=3)
+        assert out.flags.c_contiguous and np.array_equal(out, view)
+    assert _contiguous(a) is a or np.shares_memory(_contiguous(a), a)  # no copy when already row-major

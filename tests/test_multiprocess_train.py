@@ -70,7 +70,7 @@ def test_two_processes_match_one(data_root, tmp_path):  # noqa: F811
         assert p.returncode == 0, out[-4000:]
     assert "process 1 of 2" in outs[2] and "4 global cpu devices" in outs[2]
     # Only process 0 prints the results table and writes results.json.
-    assert "Text-to-image retrieval" in outs[1] and "Text-to-image retrieval" not in outs[2]
+    assert "Retrieval on synthetic" in outs[1] and "Retrieval on synthetic" not in outs[2]
 
     config = tiny_config(data_root)
     p_single, s1 = _params(str(single), config)

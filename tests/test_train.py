@@ -73,6 +73,8 @@ def test_end_to_end_writes_results(data_root, tmp_path):
     assert saved["test_at_last"] == saved["test_at_best"]  # best is the last step: evaluated once, reported twice
     assert "R1" in saved["table"] and len(saved["report"]) == 2
     assert saved["nonfinite_steps"] == 0
+    assert saved["selection"] == {"rule": "best_val", "split": "val", "label": "best val"}
+    assert "i2t_R1" in saved["table"] and 0 <= saved["test_at_best"]["i2t_mAP"] <= 100
     curve = [json.loads(line) for line in (wd / "val_curve.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in curve] == [(4, 1.0)] and 0.0 <= curve[0]["R1"] <= 100.0
     events = [f for f in os.listdir(wd) if f.startswith("events.out.tfevents")]
@@ -310,3 +312,32 @@ def test_vit_l14_variant_is_valid_and_builds_its_grid(name):
     )  # fmt: skip
     assert c.grid == (27, 9)
     assert shapes["params"]["vision_model"]["embeddings"]["position_embedding"]["embedding"].shape == (1 + 243, 1024)
+
+
+def test_the_papers_protocol_is_labelled_in_every_output(data_root, tmp_path):
+    """eval.select_on='test' picks the checkpoint by test R1 (the papers' protocol): results.json, the printed
+    table, TensorBoard and val_curve.jsonl say so; the default selects on validation and says that."""
+    wd = tmp_path / "papers"
+    res = train.train_and_evaluate(tiny_config(data_root, **{"eval.select_on": "test"}), str(wd))
+    assert res["selection"]["rule"] == "best_test_epoch" and "papers' protocol" in res["selection"]["label"]
+    assert "selected_on_test" in res and "val_at_best" not in res
+    assert "best TEST epoch (the papers' protocol" in res["table"]
+    curve = [json.loads(line) for line in (wd / "val_curve.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in curve] == ["test"]
+    assert set(res["test_at_best"]) >= {"i2t_R1", "i2t_R5", "i2t_R10", "i2t_mAP", "i2t_mINP"}
+    assert sum(res["test_rank_buckets"].values()) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="config.eval.select_on='best'"):
+        train.train_and_evaluate(tiny_config(data_root, **{"eval.select_on": "best"}), str(tmp_path / "bad"))
+
+
+def test_a_resume_may_not_switch_the_selection_rule(tmp_path):
+    from uit_jax import rundir
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    old = rundir.config_to_dict(tiny_config(tmp_path))
+    del old["eval"]["select_on"]  # a run from before the field: it selected on validation
+    (wd / rundir.CONFIG_FILE).write_text(json.dumps(old))
+    rundir.check_resume(str(wd), tiny_config(tmp_path))  # the same rule
+    with pytest.raises(rundir.ConfigChangedError, match=r"eval.select_on: '<absent>' -> 'test'"):
+        rundir.check_resume(str(wd), tiny_config(tmp_path, **{"eval.select_on": "test"}))

@@ -95,6 +95,18 @@ def validate(config, num_devices: int) -> None:
             "config.model.attention='cudnn' runs in bfloat16 or float16 only, but config.model.dtype='float32': "
             "use --config.model.dtype=bfloat16 (or auto) or --config.model.attention=xla."
         )
+    select_on = config.eval.get("select_on", "val")
+    if select_on not in ("val", "test"):
+        errors.append(
+            f"config.eval.select_on={select_on!r}: use 'val' (select on the validation split) or 'test' (the papers' "
+            "protocol, best epoch on test)."
+        )
+    target = config.eval.get("dataset", "")
+    if target and target not in data_defaults.DATASETS:
+        errors.append(
+            f"config.eval.dataset={target!r} is not a known dataset; use one of {sorted(data_defaults.DATASETS)} "
+            "(or '' for the run's own)."
+        )
     if config.loss.mlm > 0 and not config.data.mlm_outputs:
         errors.append(
             f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "

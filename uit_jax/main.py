@@ -3,6 +3,7 @@
   python -m uit_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m uit_jax.main --config=configs/cuhk.py --workdir=runs/cuhk --config.data.manual_dir=/data/CUHK-PEDES
   python -m uit_jax.main --config=configs/cuhk.py --workdir=runs/cuhk --mode=eval
+  python -m uit_jax.main --workdir=runs/cuhk --mode=eval --eval_dataset=icfg --eval_manual_dir=/data/ICFG-PEDES
 
 Multi-host (Cloud TPU pods, multi-node GPU): run the same command on every host. With --distributed the JAX
 runtime finds its peers from the environment (TPU metadata, SLURM, Open MPI); or pass --coordinator_address,
@@ -27,6 +28,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results.json go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes if workdir has checkpoints) or eval.")
 _EVAL_STEP = flags.DEFINE_integer("eval_step", None, "--mode=eval: checkpoint step (default: best by validation R1).")
+# Cross-domain --mode=eval (the flags of config.eval.dataset / manual_dir / data_dir / tagger): they need no config,
+# so they work on a workdir without retyping its config, and on an exported model folder, which has none.
+_EVAL_DATASET = flags.DEFINE_string(
+    "eval_dataset", "", "--mode=eval: evaluate on this dataset's test split instead (cuhk, icfg, rstp): cross-domain."
+)
+_EVAL_MANUAL_DIR = flags.DEFINE_string("eval_manual_dir", "", "With --eval_dataset: that dataset's official folder.")
+_EVAL_DATA_DIR = flags.DEFINE_string("eval_data_dir", "", "With --eval_dataset: where its tfds build goes.")
+_EVAL_TAGGER = flags.DEFINE_string("eval_tagger", "", "With --eval_dataset: its POS tagger at build (data.tagger).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects the cluster).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.")
@@ -102,6 +111,22 @@ def main(argv):
     from uit_jax import evaluate, train
 
     try:
+        if _MODE.value == "train" and _EVAL_DATASET.value:
+            raise app.UsageError("--eval_dataset is for --mode=eval (cross-domain evaluation of a trained run).")
+        if _MODE.value == "eval" and _EVAL_DATASET.value:
+            # Cross-domain needs the model, not the training config: a workdir or an exported model folder.
+            given = _CONFIG.value  # --config, if any, sets the batch size and compute dtype
+            evaluate.evaluate_transfer(
+                _WORKDIR.value,
+                _EVAL_DATASET.value,
+                manual_dir=_EVAL_MANUAL_DIR.value,
+                data_dir=_EVAL_DATA_DIR.value or None,
+                tagger=_EVAL_TAGGER.value,
+                step=_EVAL_STEP.value if _EVAL_STEP.value is not None else "best",
+                batch_size=given.eval.batch_size if given is not None else 256,
+                dtype=given.model.dtype if given is not None else "auto",
+            )
+            return
         config = _config()
         if _MODE.value == "train":
             train.train_and_evaluate(config, _WORKDIR.value)

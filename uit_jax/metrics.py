@@ -79,8 +79,19 @@ def retrieval_metrics(similarity, query_pids, gallery_pids, *, block_size: int =
     if num_q == 0:
         raise ValueError("metrics.retrieval_metrics: no queries")
 
-    blocks = ((start, np.asarray(similarity[start : start + block_size])) for start in range(0, num_q, block_size))
+    blocks = ((start, _contiguous(similarity[start : start + block_size])) for start in range(0, num_q, block_size))
     return _metrics_over_blocks(blocks, q_pids, g_pids)
+
+
+def _contiguous(block, tile: int = 256):
+    """A row-major copy of a block: sorting the rows of a transposed (strided) view ran 2.5x slower, and numpy's
+    own copy of one is cache-bound (8x slower on a busy 2-core host), so it is copied in column tiles."""
+    if not isinstance(block, np.ndarray) or block.flags.c_contiguous:
+        return np.asarray(block)
+    out = np.empty(block.shape, block.dtype)
+    for c in range(0, block.shape[1], tile):
+        out[:, c : c + tile] = block[:, c : c + tile]
+    return out
 
 
 def _metrics_over_blocks(blocks, q_pids: np.ndarray, g_pids: np.ndarray) -> dict[str, float]:

@@ -2,10 +2,11 @@
 picture of a few ranked queries for TensorBoard. numpy/PIL only (no TensorFlow).
 
 `WORKDIR/eval/<split>_rankings.jsonl` has one line per query: caption, true pid, the top-10 gallery paths, pids and
-scores, the rank of the first correct image and the query's average precision (the same AP that `metrics` averages
-into mAP). `WORKDIR/eval/<split>_report.html` shows a sample of queries (the best, the median and the worst by AP),
-each with its top-10 in green (correct) or red (wrong) frames and the rank of its first correct image, in the style
-of IRRA's visualize.py.
+scores, the rank and path of the first correct image and the query's average precision (the same AP that `metrics`
+averages into mAP). `WORKDIR/eval/<split>_report.html` starts with the error analysis (the share of queries whose
+first correct image is at rank 1, 2-5, 6-10 and beyond 10, and the queries the model gets most wrong, each beside
+the image it should have found), then shows a sample of queries (the best, the median and the worst by AP), each
+with its top-10 in green (correct) or red (wrong) frames, in the style of IRRA's visualize.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from uit_jax import metrics as metrics_lib
 from uit_jax.data import images as images_lib
 
 GREEN, RED, GREY = (26, 156, 58), (221, 34, 34), (200, 200, 200)
+# Where a query's first correct image lands: (label, first rank, last rank or None for no bound).
+RANK_BUCKETS = (("1", 1, 1), ("2-5", 2, 5), ("6-10", 6, 10), (">10", 11, None))
 
 
 def rankings(
@@ -36,24 +39,28 @@ def rankings(
     k: int = 10,
     block: int = 1024,
 ) -> list[dict]:
-    """One dict per query: caption, pid, top-k gallery paths / pids / scores, first_correct_rank (1-based) and ap."""
+    """One dict per query: caption, pid, top-k gallery paths / pids / scores, first_correct_rank (1-based), the path
+    of that first correct image and its score (first_correct_path, first_correct_score) and ap."""
     q_pids, g_pids = np.asarray(query_pids), np.asarray(gallery_pids)
     k = min(k, len(g_pids))
+    by_pid = {int(p): np.flatnonzero(g_pids == p) for p in np.unique(g_pids)}
     out = []
     for start in range(0, len(q_pids), block):
         sim = np.asarray(similarity[start : start + block], np.float32)
         # Ranks of the matches without an argsort of the gallery (metrics' sort + binary search).
         rows, ranks, counts = metrics_lib._block_ranks(sim, q_pids[start : start + block], g_pids, start)
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        # Top-k: a partition, then the k sorted by descending score, ties by gallery index.
-        part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        part_s = np.take_along_axis(sim, part, 1)
-        order = np.lexsort((part, -part_s), axis=1)
-        top_all = np.take_along_axis(part, order, 1)
+        # Top-k: every item scoring at least the k-th best (a partition finds that score; an argpartition alone
+        # would pick among items tied at the boundary arbitrarily), sorted by descending score, ties by index.
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
         for r in range(len(sim)):
             mine = ranks[bounds[r] : bounds[r + 1]]
+            # The first correct image: among the query's matches, the one at the best rank (ties: lowest index).
+            matches = by_pid[int(q_pids[start + r])]
+            first = matches[np.lexsort((matches, -sim[r, matches]))[0]]
             ap = float(np.mean(np.arange(1, len(mine) + 1) / mine))
-            top = top_all[r]
+            cand = np.flatnonzero(sim[r] >= kth[r])
+            top = cand[np.lexsort((cand, -sim[r, cand]))[:k]]
             qi = start + r
             out.append(
                 {
@@ -64,6 +71,8 @@ def rankings(
                     "top_pids": [int(g_pids[j]) for j in top],
                     "top_scores": [round(float(sim[r, j]), 6) for j in top],
                     "first_correct_rank": int(mine[0]),
+                    "first_correct_path": str(gallery_paths[first]),
+                    "first_correct_score": round(float(sim[r, first]), 6),
                     "ap": round(ap, 6),
                 }
             )
@@ -84,6 +93,21 @@ def sample(ranked: list[dict], n: int = 4) -> list[tuple[str, dict]]:
     return out
 
 
+def rank_buckets(ranked: list[dict]) -> dict[str, float]:
+    """Percent of queries whose first correct image is at rank 1, 2-5, 6-10 and beyond 10 (they sum to 100)."""
+    first = np.asarray([q["first_correct_rank"] for q in ranked])
+    out = {}
+    for label, lo, hi in RANK_BUCKETS:
+        inside = (first >= lo) & (first <= hi if hi is not None else True)
+        out[label] = round(100.0 * float(np.mean(inside)), 4) if len(first) else 0.0
+    return out
+
+
+def most_wrong(ranked: list[dict], n: int = 10) -> list[dict]:
+    """The n queries the model gets most wrong: the latest first correct image, then the lowest AP."""
+    return sorted(ranked, key=lambda q: (-q["first_correct_rank"], q["ap"], q["query"]))[:n]
+
+
 def thumbnail(src, height: int = 128, frame: tuple[int, int, int] | None = None) -> Image.Image:
     """A PIL thumbnail `height` high of any image source (path, bytes, PIL, uint8 array), optionally framed."""
     im = Image.fromarray(images_lib.to_rgb(src))
@@ -102,19 +126,27 @@ def data_uri(src, height: int = 128) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def write_html(path: str, rows, *, title: str, notes: Sequence[str] = ()) -> None:
+def write_html(path: str, rows, *, title: str, notes: Sequence[str] = (), tables: Sequence = ()) -> None:
     """rows: [(heading, [dict(src, name, score, correct: bool | None, note=''), ...]), ...]; every thumbnail is
-    embedded (the file is self-contained). Written atomically."""
+    embedded (the file is self-contained). `tables`: [(caption, header cells, rows of cells)] shown first. Written
+    atomically."""
     out = [
         "<!DOCTYPE html>",
         '<html><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:1em} .q{margin:1.2em 0} .hits{display:flex;flex-wrap:wrap;"
         "gap:6px} figure{margin:0;text-align:center;font-size:12px} img{display:block;border:4px solid #ddd}"
-        " .ok img{border-color:#1a9c3a} .bad img{border-color:#d22} .meta{color:#555;font-size:13px}</style>",
+        " .ok img{border-color:#1a9c3a} .bad img{border-color:#d22} .meta{color:#555;font-size:13px}"
+        " table.t{border-collapse:collapse;margin:.8em 0} .t td,.t th{border:1px solid #ccc;padding:2px 8px}"
+        " .t caption{text-align:left;font-weight:bold}</style>",
         f"</head><body><h1>{html.escape(title)}</h1>",
     ]
     out += [f'<p class="meta">{html.escape(n)}</p>' for n in notes]
+    for caption, head, body in tables:
+        out.append(f'<table class="t"><caption>{html.escape(caption)}</caption><tr>')
+        out.append("".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>")
+        out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body]
+        out.append("</table>")
     for heading, hits in rows:
         out.append(f'<div class="q"><h3>{html.escape(heading)}</h3><div class="hits">')
         for rank, h in enumerate(hits, 1):
@@ -122,7 +154,8 @@ def write_html(path: str, rows, *, title: str, notes: Sequence[str] = ()) -> Non
             name = html.escape(str(h["name"]))
             out.append(
                 f'<figure class="{cls}"><img src="{data_uri(h["src"])}" alt="{name}" title="{name}">'
-                f"<figcaption>#{rank} {h['score']:.3f}{html.escape(h.get('note', ''))}</figcaption></figure>"
+                f"<figcaption>{html.escape(h.get('label') or f'#{rank}')} {h['score']:.3f}"
+                f"{html.escape(h.get('note', ''))}</figcaption></figure>"
             )
         out.append("</div></div>")
     out.append("</body></html>")
@@ -133,7 +166,14 @@ def write_html(path: str, rows, *, title: str, notes: Sequence[str] = ()) -> Non
 
 
 def write_split_report(
-    out_dir: str, split: str, ranked: list[dict], image_source: Callable[[str], object], *, title: str, n: int = 4
+    out_dir: str,
+    split: str,
+    ranked: list[dict],
+    image_source: Callable[[str], object],
+    *,
+    title: str,
+    n: int = 4,
+    n_wrong: int = 10,
 ) -> tuple[str, str]:
     """Writes OUT_DIR/<split>_rankings.jsonl and OUT_DIR/<split>_report.html; returns their paths.
 
@@ -145,6 +185,26 @@ def write_split_report(
             f.write(json.dumps(row) + "\n")
     os.replace(jsonl + ".partial", jsonl)
     rows = []
+    for q in most_wrong(ranked, n_wrong):
+        heading = (
+            f"[most wrong] {q['caption']}  (pid {q['pid']}; first correct at rank {q['first_correct_rank']}; "
+            f"AP {q['ap']:.3f})"
+        )
+        hits = [
+            dict(src=image_source(p), name=p, score=s, correct=pid == q["pid"], note=f" pid {pid}")
+            for p, pid, s in list(zip(q["top_paths"], q["top_pids"], q["top_scores"], strict=True))[:5]
+        ]
+        hits.append(
+            dict(
+                src=image_source(q["first_correct_path"]),
+                name=q["first_correct_path"],
+                score=q["first_correct_score"],
+                correct=True,
+                label=f"#{q['first_correct_rank']}",
+                note=" the right person",
+            )
+        )
+        rows.append((heading, hits))
     for label, q in sample(ranked, n):
         heading = (
             f"[{label}] {q['caption']}  (pid {q['pid']}; first correct at rank {q['first_correct_rank']}; "
@@ -157,11 +217,19 @@ def write_split_report(
         rows.append((heading, hits))
     page = os.path.join(out_dir, f"{split}_report.html")
     notes = [
-        f"{len(ranked)} queries; shown: the {n} best, {n} median and {n} worst by average precision. Green: the "
-        "image shows the query's person; red: another person. Per-query rankings: "
-        f"{os.path.basename(jsonl)}."
+        f"{len(ranked)} queries. Shown: the {n_wrong} queries the model gets most wrong (the latest first correct "
+        "image, then the lowest AP), each with its top 5 and, last, the image it should have found; then the "
+        f"{n} best, {n} median and {n} worst by average precision. Green: the image shows the query's person; red: "
+        f"another person. Per-query rankings: {os.path.basename(jsonl)}."
     ]
-    write_html(page, rows, title=title, notes=notes)
+    buckets = rank_buckets(ranked)
+    counts = [round(buckets[k] * len(ranked) / 100) for k in buckets]
+    table = (
+        "Where the first correct image lands (text-to-image)",
+        ["rank", *buckets],
+        [["queries, %", *(f"{v:.2f}" for v in buckets.values())], ["queries", *counts]],
+    )
+    write_html(page, rows, title=title, notes=notes, tables=[table])
     return jsonl, page
 
 

@@ -28,9 +28,10 @@ MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
 CHANGES_FILE = "config_changes.jsonl"
 
-# Fields whose change makes the checkpoint's parameters the wrong shape (or the wrong dataset's classifier): a
-# resume with any of these changed is refused. A prefix ending in '.' covers the whole block.
+# Fields whose change makes the checkpoint's parameters the wrong shape (or the wrong dataset's classifier), or the
+# kept checkpoints' selection scores incomparable (eval.select_on): a resume with any of these changed is refused.
 SHAPE_FIELDS = (
+    "eval.select_on",
     "model_init",
     "model.preset",
     "model.stride",
@@ -146,7 +147,13 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+# What a field absent from an older run's config.json meant then (it was added later with this behaviour).
+ADDED_FIELDS = {"eval.select_on": "val"}
+
+
 def _changes_shapes(key: str, old, new) -> bool:
+    if key in ADDED_FIELDS and ADDED_FIELDS[key] in (old, new) and "<absent>" in (old, new):
+        return False
     if key in MODULE_WEIGHTS:
         return _positive(old) != _positive(new)
     return any(key == f or key.startswith(f + ".") for f in SHAPE_FIELDS)

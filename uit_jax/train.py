@@ -23,6 +23,7 @@ from uit_jax import checkpoint as ckpt_lib
 from uit_jax import config as config_lib
 from uit_jax import evaluate as eval_lib
 from uit_jax import faults, optim, rundir, sharding, steps
+from uit_jax import report as report_lib
 from uit_jax import state as state_lib
 from uit_jax.data import train_input
 
@@ -94,9 +95,9 @@ def _train(config, workdir, mesh, stop_after) -> dict:
     encoders = eval_lib.jit_encoders(*steps.make_encode_fns(setup.model), mesh)
     every = config_lib.epochs_to_steps(config.eval.every_epochs, spe)
     val = None
-    if every:
+    if every:  # the split that selects the best checkpoint: validation, or test under the papers' protocol
         val = eval_lib.Evaluator.from_config(
-            config, setup.model, setup.tokenizer, mesh, config.data.val_split, encoders=encoders, every_steps=every
+            config, setup.model, setup.tokenizer, mesh, selection_split(config), encoders=encoders, every_steps=every
         )
     data = train_input.make_train_iterator(
         config.data,
@@ -172,6 +173,22 @@ def _make_train_step(config, setup, spe, tx, schedule, shardings, mesh):
     return steps.jit_train_step(loss_fn, tx, schedule, shardings, mesh, split=split)
 
 
+def selection_split(config) -> str:
+    """The split whose R1 picks the reported checkpoint: validation, or test under the papers' protocol."""
+    return config.data.test_split if config.eval.get("select_on", "val") == "test" else config.data.val_split
+
+
+def selection(config) -> dict:
+    """How the reported checkpoint was chosen, as every output states it."""
+    if config.eval.get("select_on", "val") == "test":
+        return dict(
+            rule="best_test_epoch",
+            split=config.data.test_split,
+            label="best TEST epoch (the papers' protocol: selected on the test split, optimistic)",
+        )
+    return dict(rule="best_val", split=config.data.val_split, label="best val")
+
+
 class _Loop:
     """The loop's named pieces: log, validate-if-due, check non-finite steps, save-or-stop."""
 
@@ -196,16 +213,19 @@ class _Loop:
         self.t_log, self.n_log = time.time(), 0
 
     def validate_if_due(self, step, params, report) -> float | None:
-        """Validation R1 when the validation Evaluator is due at `step`; its figures go to TensorBoard and to
-        WORKDIR/val_curve.jsonl (one line per validation, kept across resumes)."""
+        """R1 of the selecting split (validation by default) when its Evaluator is due at `step`; its figures go to
+        TensorBoard and to WORKDIR/val_curve.jsonl (one line per evaluation, kept across resumes)."""
         if self.val is None or not self.val.due(step, self.n_steps):
             return None
         with report.timed("eval"):
             res = self.val(params)
         split = self.val.split
-        self.writer.write_scalars(step, {f"eval/{split}/t2i_{k.lower()}": res[k] for k in eval_lib.METRICS})
+        scalars = {f"eval/{split}/t2i_{k.lower()}": res[k] for k in eval_lib.METRICS}
+        scalars.update({f"eval/{split}/{k.lower()}": res[k] for k in eval_lib.I2T_METRICS})
+        self.writer.write_scalars(step, scalars)
         if jax.process_index() == 0:
-            row = dict(step=step, epoch=round(step / self.spe, 3), **{k: round(res[k], 2) for k in eval_lib.METRICS})
+            names = (*eval_lib.METRICS, "i2t_R1")
+            row = dict(step=step, epoch=round(step / self.spe, 3), split=split, **{k: round(res[k], 2) for k in names})
             with open(os.path.join(self.workdir, "val_curve.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
         return res["R1"]
@@ -238,11 +258,13 @@ class _Loop:
 
 
 def final_test(config, test, ckpt, abstract, state, mesh, step, workdir=None, writer=None) -> dict[str, Any]:
-    """The test split at the last step and at the best-validation checkpoint (the reported figure); the rankings
-    and HTML report of the reported one go to WORKDIR/eval, and a few ranked queries to TensorBoard."""
+    """The test split at the last step and at the best checkpoint by the selecting split (the reported figure:
+    best validation, or the papers' best test epoch, labelled); the rankings, error analysis and HTML report of the
+    reported one go to WORKDIR/eval, and a few ranked queries to TensorBoard."""
     faults.point("final_eval")
     split = test.split
-    results: dict[str, Any] = {"dataset": config.data.name, "steps": int(step)}
+    chosen = selection(config)
+    results: dict[str, Any] = {"dataset": config.data.name, "steps": int(step), "selection": chosen}
     best = ckpt.best()
     best_is_last = best is not None and best[0] == step  # then one evaluation serves both rows
     with jax.set_mesh(mesh):
@@ -253,17 +275,19 @@ def final_test(config, test, ckpt, abstract, state, mesh, step, workdir=None, wr
         if best is not None:
             best_step, r1 = best
             results["best_step"] = best_step
-            results["val_at_best"] = {"R1": r1}
+            results["val_at_best" if chosen["rule"] == "best_val" else "selected_on_test"] = {"R1": r1}
             if not best_is_last:
                 reported = test.run(ckpt.restore(best_step, abstract).state["params"])
-            label = f"best val (step {best_step})"
+            label = f"{chosen['label']} (step {best_step})"
             results["test_at_best"] = reported.metrics
             rows[f"{split} @ {label}"] = reported.metrics
     table = eval_lib.format_table(rows)
     results["table"] = table
     if jax.process_index() == 0:
-        print(f"\nText-to-image retrieval on {config.data.name} ({split}):\n{table}\n", flush=True)
+        print(f"\nRetrieval on {config.data.name} ({split}; R1 ... mINP text-to-image, i2t image-to-text):", flush=True)
+        print(f"{table}\n", flush=True)
         ranked = test.rankings(reported)
+        results["test_rank_buckets"] = report_lib.rank_buckets(ranked)
         if workdir is not None:
             out = test.write_report(ranked, os.path.join(workdir, "eval"), f"{config.data.name} {split} @ {label}")
             results["report"] = list(out)

@@ -1,4 +1,4 @@
-"""tools/ablation.py: resumes finished runs, summarises mean and spread correctly, reports a failed run clearly."""
+"""experiments/ablation.py: resumes finished runs, summarises mean and spread right, reports a failed run clearly."""
 
 import json
 import statistics

@@ -81,6 +81,27 @@ def _caption_problem(text: str) -> str:
     return ""
 
 
+# Each official layout's annotation file(s), to name the layout a folder is in when it is not the one asked for.
+_LAYOUT_FILES = {
+    "cuhk (CUHK-PEDES)": ("reid_raw.json",),
+    "icfg (ICFG-PEDES)": ("ICFG-PEDES.json", "ICFG_PEDES.json"),
+    "rstp (RSTPReid)": ("data_captions.json",),
+}
+
+
+def _layout_hint(root: str, wanted: tuple[str, ...]) -> list[str]:
+    """A line naming the layout `root` is in when its annotation file is another dataset's, and what to change."""
+    for layout, files in _LAYOUT_FILES.items():
+        found = [f for f in files if f not in wanted and os.path.isfile(os.path.join(root, f))]
+        if found:
+            return [
+                f"the folder holds {found[0]}: it is in the {layout} layout, not this dataset's ({wanted[0]}); "
+                f"name that dataset instead (data.name / eval.dataset {layout.split()[0]!r}) or point manual_dir at "
+                "this dataset's own folder"
+            ]
+    return ["point manual_dir at the dataset's official folder (imgs/ and the annotation file; docs/data.md)"]
+
+
 def read_annotations(
     root: str, ann_file: str | tuple[str, ...], path_key: str, splits: tuple[str, ...], check_images: bool = True
 ) -> dict[str, list[dict]]:
@@ -95,10 +116,15 @@ def read_annotations(
     ann_path = os.path.join(root, ann_file)
     if len(names) > 1 and not os.path.exists(ann_path):
         ann_path = f"{ann_path} (or {' / '.join(names[1:])})"
-    _raise_all(
-        f"dataset folder {root!r}",
-        [f"missing {p}" for p in (root, img_dir, ann_path) if not os.path.exists(p)],
-    )
+    missing = [f"missing {p}" for p in (root, img_dir, ann_path) if not os.path.exists(p)]
+    if missing and os.path.isdir(root):
+        missing += _layout_hint(root, names)
+    elif missing:
+        missing.append(
+            "pass the dataset's folder: --config.data.manual_dir=DIR (training) or --eval_manual_dir=DIR "
+            "(cross-domain --mode=eval)"
+        )
+    _raise_all(f"dataset folder {root!r}", missing)
     try:
         with open(ann_path) as f:
             annos = json.load(f)

@@ -162,6 +162,7 @@ def prepare(cfg, **builder_kwargs_) -> DatasetInfo:
             tok_dir = _ensure_synthetic(cfg) if cfg.name == "synthetic" else None
             manual_dir = synthetic_dir(cfg) if cfg.name == "synthetic" else os.path.expanduser(cfg.manual_dir)
             if not builder.is_prepared():
+                _check_manual_dir(cfg.name, manual_dir, builder)
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -175,6 +176,19 @@ def prepare(cfg, **builder_kwargs_) -> DatasetInfo:
         splits=splits,
         tokenizer_dir=tok_dir,
         num_images={name: s.num_images for name, s in read.items()},
+    )
+
+
+def _check_manual_dir(name: str, manual_dir: str, builder) -> None:
+    """A missing or empty dataset folder, said with where to get the dataset and how to pass its folder (tfds
+    would only assert)."""
+    if os.path.isdir(manual_dir) and os.listdir(manual_dir):
+        return
+    what = "does not exist" if not os.path.exists(manual_dir) else "is empty"
+    raise builders_lib.DataError(
+        f"dataset folder {manual_dir!r} for {name!r} {what}: pass the dataset's folder with "
+        "--config.data.manual_dir=DIR (training) or --eval_manual_dir=DIR (cross-domain --mode=eval), or put it "
+        f"under $UIT_DATA_ROOT.{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.rstrip()}"
     )
 
 

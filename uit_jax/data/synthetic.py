@@ -1,4 +1,4 @@
-"""The synthetic pedestrian set: procedurally drawn people with captions, written in the CUHK-PEDES layout.
+"""The synthetic pedestrian set: procedurally drawn people with captions, written in an official dataset layout.
 
 It is the offline default dataset and the project's proxy benchmark, so it is a real retrieval problem:
 each identity is a bundle of attributes that both the words and the pixels carry (gender and hair, upper
@@ -8,17 +8,19 @@ differ in pose (stride), placement, scale, background, lighting and occluders (h
 partial, as human annotators write.
 Colour words matter: the restoration objective recovers colour from a grayscale image using the caption.
 
-Output (the official CUHK-PEDES layout, so the real reader is exercised):
+Output (the official CUHK-PEDES layout by default, so the real reader is exercised; `--layout icfg|rstp` writes
+ICFG-PEDES's ICFG-PEDES.json or RSTPReid's data_captions.json instead, for cross-domain tests):
     OUT/imgs/synth/<id>_<k>.png
     OUT/reid_raw.json   [{"split", "captions", "file_path", "processed_tokens", "id"}, ...]
     OUT/synthetic_spec.json   the generation parameters (to detect a stale folder)
+    OUT/pos_tags.tsv   the lexicon's tags, a word->tag file for `data.tagger` (no NLTK data needed)
 
 Everything is a pure function of the seed: identity `i` draws from `default_rng([seed, i])`.
 The generator knows every word it can write, so `VOCABULARY` and `POS_TAGS` (Penn Treebank tags, as NLTK's
 tagger would give in these sentences) need no NLTK data.
 
 CLI: python -m uit_jax.data.synthetic --out DIR [--train-ids 1000 --val-ids 300 --test-ids 300
-     --images-per-id 4 --height 128 --width 64 --seed 0 --scene crop]
+     --images-per-id 4 --height 128 --width 64 --seed 0 --scene crop --layout cuhk]
 """
 
 from __future__ import annotations
@@ -482,13 +484,29 @@ def identities(spec: Spec) -> list[Identity]:
     return out
 
 
-def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False) -> list[dict]:
-    """Renders the set into `out_dir` (CUHK-PEDES layout); returns the annotation list it wrote."""
+# The official layouts the generator can write, as the readers of data/builders.py expect them: annotation file, the
+# key of an entry's image path, and the splits the file holds (ICFG-PEDES has no validation split: the val
+# identities become training ones there, and its reader holds out every 20th training identity itself).
+LAYOUTS = {
+    "cuhk": ("reid_raw.json", "file_path", ("train", "val", "test")),
+    "icfg": ("ICFG-PEDES.json", "file_path", ("train", "test")),
+    "rstp": ("data_captions.json", "img_path", ("train", "val", "test")),
+}
+TAGS_FILE = "pos_tags.tsv"  # the lexicon as 'word<TAB>tag' lines: data.tagger for the real readers, offline
+
+
+def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False, layout: str = "cuhk") -> list[dict]:
+    """Renders the set into `out_dir` in an official layout (`LAYOUTS`: CUHK-PEDES by default, ICFG-PEDES or
+    RSTPReid), with its POS lexicon in `TAGS_FILE`; returns the annotation list it wrote."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: use one of {sorted(LAYOUTS)}")
+    ann_file, path_key, file_splits = LAYOUTS[layout]
     t0 = time.time()
     img_dir = os.path.join(out_dir, "imgs", "synth")
     os.makedirs(img_dir, exist_ok=True)
     idents = identities(spec)
     splits = ["train"] * spec.train_ids + ["val"] * spec.val_ids + ["test"] * spec.test_ids
+    splits = [s if s in file_splits else "train" for s in splits]
     annos = []
     for i, (ident, split) in enumerate(zip(idents, splits)):
         pid = i + 1  # CUHK-PEDES ids start at 1
@@ -503,13 +521,15 @@ def generate(out_dir: str, spec: Spec = Spec(), verbose: bool = False) -> list[d
                 {
                     "split": split,
                     "captions": caps,
-                    "file_path": rel,
+                    path_key: rel,
                     "processed_tokens": [[w for w in caption_words(c) if w not in ",."] for c in caps],
                     "id": pid,
                 }
             )
-    with open(os.path.join(out_dir, "reid_raw.json"), "w") as f:
+    with open(os.path.join(out_dir, ann_file), "w") as f:
         json.dump(annos, f)
+    with open(os.path.join(out_dir, TAGS_FILE), "w") as f:
+        f.writelines(f"{w}\t{t}\n" for w, t in sorted(POS_TAGS.items()))
     with open(os.path.join(out_dir, SPEC_FILE), "w") as f:
         json.dump(dataclasses.asdict(spec), f, indent=1)
     if verbose:
@@ -530,7 +550,8 @@ def read_spec(out_dir: str) -> Spec | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (CUHK-PEDES layout)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="cuhk", help="the official layout to write")
     for f in dataclasses.fields(Spec):
         if f.name == "scene":
             p.add_argument("--scene", choices=SCENES, default=f.default)
@@ -538,7 +559,7 @@ def main(argv=None):
             p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     a = p.parse_args(argv)
     spec = Spec(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Spec)})
-    generate(a.out, spec, verbose=True)
+    generate(a.out, spec, verbose=True, layout=a.layout)
 
 
 if __name__ == "__main__":
