@@ -155,4 +155,8 @@ def base_config(dataset: str, variant: str = "vit-b16") -> ml_collections.Config
     # The train step as two programs, gradient then update (steps.SplitTrainStep): the same step, compiled and
     # loaded from the compilation cache faster on CPU (docs/benchmarks.md). False: one program.
     c.split_train_step = True
+    # > 0: the gradient in chunks of this many rows per device, exactly the whole batch's (gradient caching,
+    # steps.make_gradcache_grad_step): the batch-wide losses still see every row, while activations are held for
+    # one chunk at a time, for an extra forward pass of the towers. 0: the whole batch at once. docs/gradcache.md.
+    c.micro_batch = 0
     return c

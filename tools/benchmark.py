@@ -10,15 +10,17 @@ Prints one JSON line with the medians so runs can be compared. FLOPs are counted
 MFU uses (when the device's peak bf16 FLOP/s is known, or given with --peak_tflops). Without --scan=1, XLA's own
 count is printed beside it (`xla_gflops_per_pair`, `xla_over_analytic`): a check on CPU, where it counts every op
 (the elementwise ones too, so slightly more), an under-count on GPU, where cuBLAS/cuDNN calls are left out of it,
-and meaningless under scan, where it counts the loop body once.
+and meaningless under scan, where it counts the loop body once. `--micro_batch=N` runs the gradient in chunks of N
+rows per device (gradient caching, `config.micro_batch`): the analytic count and MFU leave its extra forward pass
+out, as they leave out remat's recomputation, and XLA's count is not printed (the chunks are a loop too).
 
 Two more modes:
   --table=VARIANTS  one process, one row per variant, a markdown table with ratios to the first row, e.g.
                     --table='full;align;remat=full;batch=256' (a variant is ';'-separated, its settings
                     ','-separated key=value overriding the command line: objectives, batch, remat, scan, dtype,
-                    text_len, preset, image_size, fsdp, attention, split, grad_barrier). 'full' and 'align' are
-                    objectives. A variant that fails (a kernel the device lacks, out of memory) gets a 'failed'
-                    row; the others run.
+                    text_len, preset, image_size, fsdp, attention, split, grad_barrier, micro_batch). 'full'
+                    and 'align' are objectives. A variant that fails (a kernel the device lacks, out of memory)
+                    gets a 'failed' row; the others run.
   --aot             compile only, from abstract shapes (no weights, nothing run), and print XLA's memory analysis
                     of the step: arguments, outputs, temporaries, and the total a device must hold. With
                     --table, one row per variant: the memory table of docs/benchmarks.md.
@@ -73,6 +75,13 @@ def parse_args(argv=None):
         help="1: gradient and update as two programs (the trainer's default); 0: one",
     )
     p.add_argument(
+        "--micro_batch",
+        type=int,
+        default=0,
+        help="> 0: the gradient in chunks of this many rows per device (gradient caching, config.micro_batch); 0: "
+        "the whole batch at once",
+    )
+    p.add_argument(
         "--grad_barrier",
         default="auto",
         help="residual-gradient barrier before each block (models/layers.py): auto (CPU only) | 1 | 0",
@@ -123,6 +132,7 @@ def build(args):
     )
     mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
     sharding.check_batch_divisible(args.batch, mesh)
+    steps.check_micro_batch(args.micro_batch, args.batch, sharding.data_shards(mesh))
 
     # The initial values do not matter here, so a hardware generator: JAX's default threefry made the ViT-B/16 init
     # the slowest compile of a fresh GPU process (docs/benchmarks.md).
@@ -139,7 +149,9 @@ def build(args):
         state = jax.block_until_ready(state_lib.fresh_state(model, tx, state_sh, rng))
         init_s = time.perf_counter() - t0
     loss_fn = steps.make_loss_fn(model, weights, logit_scale=50.0, patch_size=cfg.patch_size)
-    step_fn = steps.jit_train_step(loss_fn, tx, schedule, state_sh, mesh, split=bool(args.split))
+    step_fn = steps.jit_train_step(
+        loss_fn, tx, schedule, state_sh, mesh, split=bool(args.split), micro_batch=args.micro_batch
+    )
     analytic = flops.train_step(
         cfg, args.batch, num_classes=args.num_classes, restoration=weights["restoration"] > 0, triplet=True
     )
@@ -277,6 +289,7 @@ def report(args, built, timed) -> dict:
         objectives=args.objectives,
         scan=bool(args.scan),
         split=bool(args.split),
+        micro_batch=args.micro_batch,
         remat=args.remat,
         attention=layers.check_attention(args.attention),  # the kernel that ran ('auto' resolved)
         grad_barrier=grad_barrier_on,
@@ -287,8 +300,9 @@ def report(args, built, timed) -> dict:
         gflops_per_pair=round(an.per_pair() / 1e9, 4),
         gflops_per_pair_by_component={k: round(3 * v / an.batch / 1e9, 4) for k, v in an.components.items()},
     )
-    # XLA's cost analysis counts a while loop's body once, not once per trip: under scan its count is meaningless.
-    if xla_flops and not args.scan:
+    # XLA's cost analysis counts a while loop's body once, not once per trip: under scan (layers or chunks) its
+    # count is meaningless.
+    if xla_flops and not args.scan and not args.micro_batch:
         out.update(
             xla_gflops_per_pair=round(xla_step / args.batch / 1e9, 4),
             xla_over_analytic=round(xla_step / an.train, 3),
@@ -319,7 +333,7 @@ def run_one(args) -> dict:
 
 
 VARIANT_KEYS = dict(objectives=str, batch=int, remat=str, scan=int, dtype=str, text_len=int, preset=str, fsdp=int)
-VARIANT_KEYS.update(image_size=str, attention=str, split=int, grad_barrier=str)
+VARIANT_KEYS.update(image_size=str, attention=str, split=int, grad_barrier=str, micro_batch=int)
 
 
 def parse_variant(spec: str, base: argparse.Namespace) -> tuple[str, argparse.Namespace]:

@@ -112,5 +112,10 @@ def validate(config, num_devices: int) -> None:
             f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "
             "--config.data.mlm_outputs=True (or --config.loss.mlm=0)."
         )
+    if config.batch_size > 0 and config.batch_size % num_devices == 0:
+        try:
+            steps.check_micro_batch(config.get("micro_batch", 0), config.batch_size, num_devices)
+        except ValueError as e:
+            errors.append(str(e))
     if errors:
         raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))

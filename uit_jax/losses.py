@@ -124,12 +124,13 @@ def patchify(images, patch: int):
     return x.reshape(b, gh * gw, patch * patch * c)
 
 
-def restoration(pred, target, mask, norm_pix: bool = False):
+def restoration(pred, target, mask, norm_pix: bool = False, count=None):
     """Masked-patch reconstruction loss: per-patch MSE (mean over patch dims), averaged over dropped patches.
 
     pred, target: (B, N, P), ``target`` from :func:`patchify`; mask: (B, N), 1 = dropped (scored), 0 = kept.
     ``norm_pix`` normalises each target patch by its mean and unbiased variance (+1e-6), as MAE / SEN do.
-    Returns 0 if no patch is dropped.
+    Returns 0 if no patch is dropped. ``count``: the number of dropped patches to average over, when these rows
+    are one piece of a larger batch (the piece's share of the batch's loss); default, this mask's.
     """
     pred, target, mask = _f32(pred), _f32(target), _f32(mask)
     if norm_pix:
@@ -137,7 +138,7 @@ def restoration(pred, target, mask, norm_pix: bool = False):
         var = jnp.var(target, axis=-1, keepdims=True, ddof=1)  # torch .var() is unbiased
         target = (target - mean) * jax.lax.rsqrt(var + 1e-6)
     per_patch = jnp.mean((pred - target) ** 2, axis=-1)  # (B, N)
-    return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask) if count is None else _f32(count), 1.0)
 
 
 def itc(z_img, z_txt, logit_scale):
@@ -147,12 +148,14 @@ def itc(z_img, z_txt, logit_scale):
     return 0.5 * (jnp.mean(_cross_entropy(logits, labels)) + jnp.mean(_cross_entropy(logits.T, labels)))
 
 
-def mlm(logits, labels, ignore_id: int = 0):
+def mlm(logits, labels, ignore_id: int = 0, count=None):
     """Masked-language-model CE over target positions only (labels != ignore_id), mean over those positions.
 
     logits: (..., V); labels: (...) integer. As torch ``CrossEntropyLoss(ignore_index=0)``; 0 if no targets.
+    ``count``: the number of targets to average over when these rows are one piece of a larger batch (default,
+    these labels' own), as in :func:`restoration`.
     """
     labels = jnp.asarray(labels).astype(jnp.int32)
     keep = (labels != ignore_id).astype(jnp.float32)
     ce = _cross_entropy(logits, jnp.where(labels == ignore_id, 0, labels))
-    return jnp.sum(ce * keep) / jnp.maximum(jnp.sum(keep), 1.0)
+    return jnp.sum(ce * keep) / jnp.maximum(jnp.sum(keep) if count is None else _f32(count), 1.0)

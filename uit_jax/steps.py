@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from uit_jax import losses, sharding
+from uit_jax.models import clip as clip_lib
 
 State = dict[str, Any]
 
@@ -32,6 +33,67 @@ def init_state(params, tx: optax.GradientTransformation) -> State:
     )
 
 
+class LossFn:
+    """The training objective: `loss_fn(params, batch, rng, step=None) -> (total, parts)`, built by `make_loss_fn`.
+
+    Its two halves are what `make_gradcache_grad_step` assembles the same objective from, chunk by chunk: the
+    objectives of the embeddings (`embedding_parts`: SDM, ITC and the triplet compare every row of the batch with
+    every other; the ID head is a function of the embedding, so it is computed there too) and those of each row
+    (`row_parts`: restoration, MLM), which the re-run of every chunk adds up.
+    """
+
+    def __init__(self, model, w, starts, *, logit_scale, patch_size, triplet_margin, norm_pix):
+        self.model, self.w, self.starts = model, w, starts
+        self.logit_scale, self.patch_size = logit_scale, patch_size
+        self.triplet_margin, self.norm_pix = triplet_margin, norm_pix
+
+    def weight(self, name, step):
+        if name not in self.starts:
+            return self.w[name]
+        if step is None:
+            raise ValueError(f"loss '{name}' starts at step {self.starts[name]}: call loss_fn(..., step=...).")
+        return jnp.where(step >= self.starts[name], self.w[name], 0.0)
+
+    def embedding_parts(self, z_img, z_txt, logits_img, logits_txt, pid) -> dict:
+        """The enabled objectives of the batch's embeddings (and identity logits), in `EMBEDDING_OBJECTIVES` order."""
+        w, parts = self.w, {}
+        if w["sdm"]:
+            parts["sdm"] = losses.sdm(z_img, z_txt, pid, self.logit_scale)
+        if w["itc"]:
+            parts["itc"] = losses.itc(z_img, z_txt, self.logit_scale)
+        if w["id"]:
+            parts["id"] = losses.id_loss(logits_img, logits_txt, pid)
+        if w["triplet"]:
+            parts["triplet"] = losses.triplet(z_img, z_txt, pid, margin=self.triplet_margin)
+        return parts
+
+    def row_parts(self, out, batch, counts=None) -> dict:
+        """The enabled per-row objectives of the model's outputs `out` for `batch`. `counts` (restoration: dropped
+        patches, mlm: targets) are the whole batch's when `batch` is one chunk of it; default, this batch's own."""
+        w, counts, parts = self.w, counts or {}, {}
+        if w["restoration"]:
+            target = losses.patchify(batch["images"].astype(jnp.float32), self.patch_size)
+            parts["restoration"] = losses.restoration(
+                out["pixels_pred"], target, out["patch_mask"], norm_pix=self.norm_pix, count=counts.get("restoration")
+            )
+        if w["mlm"]:
+            parts["mlm"] = losses.mlm(out["mlm_logits"], batch["mlm_labels"], count=counts.get("mlm"))
+        return parts
+
+    def total(self, parts, step):
+        return sum(self.weight(k, step) * v for k, v in parts.items())
+
+    def __call__(self, params, batch, rng, step=None):
+        out = self.model.apply(
+            {"params": params}, batch["images"], batch["text"], rng=rng, mlm_text=batch.get("mlm_text")
+        )
+        parts = self.embedding_parts(
+            out["z_img"], out["z_txt"], out.get("logits_img"), out.get("logits_txt"), batch["pid"]
+        )
+        parts.update(self.row_parts(out, batch))
+        return self.total(parts, step), parts
+
+
 def make_loss_fn(
     model,
     weights: Mapping[str, float],
@@ -41,7 +103,7 @@ def make_loss_fn(
     triplet_margin: float = 0.05,
     norm_pix: bool = False,
     start_steps: Mapping[str, int] | None = None,
-) -> Callable:
+) -> LossFn:
     """Returns `loss_fn(params, batch, rng, step=None) -> (total, parts)`; objectives with weight 0 are not computed.
 
     `start_steps` maps an objective to the first step whose total includes it (before that it is still computed
@@ -53,44 +115,154 @@ def make_loss_fn(
         raise ValueError(f"Unknown loss weights {sorted(unknown)}; known objectives: {OBJECTIVES}.")
     w = {k: float(weights.get(k, 0.0)) for k in OBJECTIVES}
     starts = {k: int(v) for k, v in (start_steps or {}).items() if int(v) > 0 and w[k]}
-
-    def weight(name, step):
-        if name not in starts:
-            return w[name]
-        if step is None:
-            raise ValueError(f"loss '{name}' starts at step {starts[name]}: call loss_fn(..., step=...).")
-        return jnp.where(step >= starts[name], w[name], 0.0)
-
-    def loss_fn(params, batch, rng, step=None):
-        out = model.apply({"params": params}, batch["images"], batch["text"], rng=rng, mlm_text=batch.get("mlm_text"))
-        pid = batch["pid"]
-        parts = {}
-        if w["sdm"]:
-            parts["sdm"] = losses.sdm(out["z_img"], out["z_txt"], pid, logit_scale)
-        if w["itc"]:
-            parts["itc"] = losses.itc(out["z_img"], out["z_txt"], logit_scale)
-        if w["id"]:
-            parts["id"] = losses.id_loss(out["logits_img"], out["logits_txt"], pid)
-        if w["triplet"]:
-            parts["triplet"] = losses.triplet(out["z_img"], out["z_txt"], pid, margin=triplet_margin)
-        if w["restoration"]:
-            target = losses.patchify(batch["images"].astype(jnp.float32), patch_size)
-            parts["restoration"] = losses.restoration(out["pixels_pred"], target, out["patch_mask"], norm_pix=norm_pix)
-        if w["mlm"]:
-            parts["mlm"] = losses.mlm(out["mlm_logits"], batch["mlm_labels"])
-        total = sum(weight(k, step) * v for k, v in parts.items())
-        return total, parts
-
-    return loss_fn
+    return LossFn(
+        model,
+        w,
+        starts,
+        logit_scale=logit_scale,
+        patch_size=patch_size,
+        triplet_margin=triplet_margin,
+        norm_pix=norm_pix,
+    )
 
 
-def make_grad_step(loss_fn: Callable) -> Callable:
-    """Returns `grad_step(params, batch, rng, step) -> (loss, parts, grads)`: the forward and backward pass."""
+def make_grad_step(loss_fn: Callable, micro_batch: int = 0, mesh=None, param_sharding=None) -> Callable:
+    """Returns `grad_step(params, batch, rng, step) -> (loss, parts, grads)`: the forward and backward pass, in one
+    go, or with `micro_batch` > 0 in chunks of that many rows per device (`make_gradcache_grad_step`)."""
+    if micro_batch:
+        return make_gradcache_grad_step(loss_fn, micro_batch, mesh, param_sharding)
 
     def grad_step(params, batch, rng, step):
         rng = jax.random.fold_in(rng, step)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, step)
         return loss, parts, grads
+
+    return grad_step
+
+
+def check_micro_batch(micro_batch: int, batch: int, shards: int) -> int:
+    """The number of chunks of a gradient-cached step; a ValueError saying what to change when `micro_batch` does
+    not divide the per-device batch."""
+    per_device = batch // shards
+    if micro_batch < 0 or (micro_batch and (batch % shards or per_device % micro_batch)):
+        fits = [d for d in range(1, per_device + 1) if per_device % d == 0]
+        raise ValueError(
+            f"config.micro_batch={micro_batch} must divide the per-device batch {per_device} (config.batch_size="
+            f"{batch} over {shards} devices): set --config.micro_batch to one of {fits}, or to 0 for the whole batch "
+            "at once."
+        )
+    return per_device // micro_batch if micro_batch else 1
+
+
+def make_gradcache_grad_step(
+    loss_fn: LossFn, micro_batch: int, mesh=None, param_sharding=None, *, with_aux: bool = False
+) -> Callable:
+    """`grad_step` of the same objective with the batch in chunks of `micro_batch` rows per device: gradient caching
+    (Gao et al., 2021), exact for the objectives that see the whole batch.
+
+      1. embed every chunk without gradients (`UIT.embed`; a `lax.scan`, so one chunk's activations at a time);
+      2. compute the embedding objectives (SDM, ID, triplet, ITC) on the whole batch's embeddings, with their
+         gradients with respect to the embeddings (and to the identity head);
+      3. re-run every chunk (another `lax.scan`): the full forward pass with its per-row objectives (restoration,
+         MLM, averaged over the whole batch's counts), pulled back with the embedding gradients as cotangents,
+         summed into one gradient.
+    The same losses and gradients as `make_grad_step(loss_fn)`, to float32 rounding. The model's only randomness,
+    the restoration branch's patch-drop noise, is drawn for the whole batch exactly as the one-shot step draws it
+    (`clip.patch_noise`) and each chunk is given its rows; the first pass draws nothing (it has no random layer).
+
+    With the batch split over D devices, chunk k is rows k*m..(k+1)*m-1 of every device's shard (m = micro_batch),
+    so each device runs its own rows and nothing moves between devices but what the one-shot step moves: the
+    embeddings, gathered for the batch-wide objectives, and each chunk's gradient, reduced over the devices.
+    `with_aux`: the step also returns what the tests check (both passes' embeddings, the patch masks used).
+    """
+    if not isinstance(loss_fn, LossFn):
+        raise TypeError("micro_batch > 0 needs the objective from steps.make_loss_fn (it is assembled from its parts).")
+    model = loss_fn.model
+    shards = 1 if mesh is None else sharding.data_shards(mesh)
+    rows_sh = batch_sh = None
+    if mesh is not None:
+        batch_sh = sharding.batch_sharding(mesh)
+        rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+    constrain = lambda x, sh: x if sh is None else jax.lax.with_sharding_constraint(x, sh)
+    m = micro_batch
+
+    def to_chunks(x):  # (B, ...) -> (chunks, D * m, ...); chunk k: rows k*m..(k+1)*m-1 of each device's shard
+        n = x.shape[0] // shards // m
+        x = x.reshape(shards, n, m, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x.reshape(n, shards * m, *x.shape[3:]), rows_sh)
+
+    def from_chunks(x):  # the inverse: back to the batch's row order and sharding
+        n = x.shape[0]
+        x = x.reshape(n, shards, m, *x.shape[2:]).swapaxes(0, 1)
+        return constrain(x.reshape(n * shards * m, *x.shape[3:]), batch_sh)
+
+    def grad_step(params, batch, rng, step):
+        rng = jax.random.fold_in(rng, step)
+        b = batch["pid"].shape[0]
+        check_micro_batch(m, b, shards)
+        fields = [k for k in ("images", "text", "pid", "mlm_text", "mlm_labels") if k in batch]
+        chunks = {k: to_chunks(batch[k]) for k in fields}
+
+        # 1. The embeddings, chunk by chunk, nothing kept for a backward pass.
+        def embed(_, c):
+            return None, model.apply({"params": params}, c["images"], c["text"], method=model.embed)
+
+        _, (z_img, z_txt) = jax.lax.scan(embed, None, chunks)
+        z_img, z_txt = from_chunks(z_img), from_chunks(z_txt)  # (B, E), the batch's order
+
+        # 2. The batch-wide objectives and their gradients: with respect to the embeddings, and the identity head's.
+        use_id = bool(loss_fn.w["id"])
+
+        def embedding_loss(head, zi, zt):
+            logits = (
+                [model.apply({"params": head}, z, method=model.classify) for z in (zi, zt)] if use_id else (None,) * 2
+            )
+            parts = loss_fn.embedding_parts(zi, zt, *logits, batch["pid"])
+            return loss_fn.total(parts, step) if parts else jnp.zeros((), jnp.float32), parts
+
+        head = {"classifier": params["classifier"]} if use_id else {}
+        (loss, parts), (g_head, dz_img, dz_txt) = jax.value_and_grad(embedding_loss, (0, 1, 2), has_aux=True)(
+            head, z_img, z_txt
+        )
+
+        # 3. Each chunk again, forward and backward, the embeddings' cotangents given, the per-row objectives added.
+        counts = {}
+        noise = None
+        if model.use_restoration:  # the one-shot step's draw (clip.drop_patches), each chunk its rows
+            n = model.clip_config.num_patches
+            noise = to_chunks(clip_lib.patch_noise(rng, b, n))
+            counts["restoration"] = b * clip_lib.num_dropped(model.drop_ratio, n)
+        if loss_fn.w["mlm"]:
+            counts["mlm"] = jnp.sum(batch["mlm_labels"] != 0)
+
+        def rerun(acc, xs):
+            c, dzi, dzt, nz = xs
+
+            def forward(p):
+                out = model.apply({"params": p}, c["images"], c["text"], noise=nz, mlm_text=c.get("mlm_text"))
+                rows = loss_fn.row_parts(out, c, counts)
+                local = loss_fn.total(rows, step) if rows else jnp.zeros((), jnp.float32)
+                return (out["z_img"], out["z_txt"], local), (rows, out.get("patch_mask"), out["z_img"], out["z_txt"])
+
+            (_, _, local), pullback, (rows, mask, zi, zt) = jax.vjp(forward, params, has_aux=True)
+            (g,) = pullback((dzi, dzt, jnp.ones_like(local)))
+            acc = constrain(jax.tree.map(jnp.add, acc, g), param_sharding)
+            return acc, (local, rows, (mask, zi, zt) if with_aux else None)
+
+        acc = constrain(jax.tree.map(jnp.zeros_like, params), param_sharding)
+        xs = (chunks, to_chunks(dz_img), to_chunks(dz_txt), noise)
+        grads, (local, rows, extra) = jax.lax.scan(rerun, acc, xs)
+        if use_id:  # the head's gradient comes from step 2 alone (the re-run's is zero: it does not reach it)
+            grads = dict(grads, classifier=jax.tree.map(jnp.add, grads["classifier"], g_head["classifier"]))
+        parts.update({k: jnp.sum(v) for k, v in rows.items()})
+        loss = loss + jnp.sum(local)
+        if not with_aux:
+            return loss, parts, grads
+        mask, zi, zt = extra
+        aux = dict(z_pass1=(z_img, z_txt), z_pass2=(from_chunks(zi), from_chunks(zt)))
+        if mask is not None:
+            aux["patch_mask"] = from_chunks(mask)
+        return loss, parts, grads, aux
 
     return grad_step
 
@@ -127,9 +299,19 @@ def make_update_step(tx: optax.GradientTransformation, schedule: Callable | None
     return update_step
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: Callable | None = None):
-    """Returns `train_step(state, batch, rng) -> (state, metrics)`; jit it with shardings and donation."""
-    grad_step, update_step = make_grad_step(loss_fn), make_update_step(tx, schedule)
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: Callable | None = None,
+    *,
+    micro_batch: int = 0,
+    mesh=None,
+    param_sharding=None,
+):
+    """Returns `train_step(state, batch, rng) -> (state, metrics)`; jit it with shardings and donation.
+    `micro_batch` > 0: the gradient in chunks of that many rows per device (`make_gradcache_grad_step`)."""
+    grad_step = make_grad_step(loss_fn, micro_batch, mesh, param_sharding)
+    update_step = make_update_step(tx, schedule)
 
     def train_step(state: State, batch, rng):
         loss, parts, grads = grad_step(state["params"], batch, rng, state["step"])
@@ -164,23 +346,32 @@ class SplitTrainStep:
 
 
 def jit_train_step(
-    loss_fn: Callable, tx: optax.GradientTransformation, schedule, state_sharding, mesh, *, split: bool = False
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule,
+    state_sharding,
+    mesh,
+    *,
+    split: bool = False,
+    micro_batch: int = 0,
 ):
     """The train step jitted for `mesh`: state in `state_sharding` (donated), batch split over the data axes,
-    rng and metrics replicated; `split`: as a `SplitTrainStep` (two programs). Shared by the trainer and
+    rng and metrics replicated; `split`: as a `SplitTrainStep` (two programs); `micro_batch` > 0: the gradient
+    in chunks of that many rows per device (`make_gradcache_grad_step`). Shared by the trainer and
     tools/benchmark.py."""
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     data = sharding.batch_sharding(mesh)
+    params_sh = state_sharding["params"]
+    chunked = dict(micro_batch=micro_batch, mesh=mesh, param_sharding=params_sh) if micro_batch else {}
     if not split:
         return jax.jit(
-            make_train_step(loss_fn, tx, schedule),
+            make_train_step(loss_fn, tx, schedule, **chunked),
             in_shardings=(state_sharding, data, repl),
             out_shardings=(state_sharding, repl),
             donate_argnums=(0,),
         )
-    params_sh = state_sharding["params"]
     grad_step = jax.jit(
-        make_grad_step(loss_fn),
+        make_grad_step(loss_fn, **chunked),
         in_shardings=(params_sh, data, repl, repl),
         out_shardings=(repl, repl, params_sh),
     )

@@ -170,7 +170,8 @@ def _make_train_step(config, setup, spe, tx, schedule, shardings, mesh):
         start_steps={"triplet": config_lib.epochs_to_steps(config.loss.triplet_start_epochs, spe)},
     )
     split = bool(config.get("split_train_step", True))
-    return steps.jit_train_step(loss_fn, tx, schedule, shardings, mesh, split=split)
+    micro_batch = int(config.get("micro_batch", 0))
+    return steps.jit_train_step(loss_fn, tx, schedule, shardings, mesh, split=split, micro_batch=micro_batch)
 
 
 def selection_split(config) -> str:

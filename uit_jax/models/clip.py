@@ -233,22 +233,38 @@ class VisionEmbeddings(nn.Module):
         return cls, x + pos[1:]
 
 
-def drop_patches(x, drop_ratio: float, rng):
-    """MAE-style random patch dropping on (B, N, D) tokens.
-
-    Drops exactly round(drop_ratio * N) patches per image, chosen by sorting uniform noise. Returns
-    (kept (B, K, D), mask (B, N) float32 with 1.0 where dropped, ids_restore (B, N) int32) where
-    `take_along_axis(concat([kept, dropped]), ids_restore)` puts tokens back in patch order.
-    """
-    b, n, _ = x.shape
+def num_dropped(drop_ratio: float, n: int) -> int:
+    """How many of `n` patches `drop_patches` drops from every image: round(drop_ratio * n)."""
     n_drop = int(round(drop_ratio * n))
     if not 0 <= n_drop < n:
         raise ValueError(f"drop_ratio={drop_ratio} drops {n_drop} of {n} patches; at least one must be kept.")
+    return n_drop
+
+
+def patch_noise(rng, batch: int, n: int):
+    """The (batch, n) uniform noise whose sort picks the dropped patches: what `drop_patches` draws from `rng`, so
+    a caller that runs the batch in pieces can draw the whole batch's noise once and pass each piece its rows."""
+    return jax.random.uniform(rng, (batch, n))
+
+
+def drop_patches(x, drop_ratio: float, rng, noise=None):
+    """MAE-style random patch dropping on (B, N, D) tokens.
+
+    Drops exactly round(drop_ratio * N) patches per image, chosen by sorting uniform noise: `noise` (B, N) when
+    given, else `patch_noise(rng, B, N)`. Returns (kept (B, K, D), mask (B, N) float32 with 1.0 where dropped,
+    ids_restore (B, N) int32) where `take_along_axis(concat([kept, dropped]), ids_restore)` puts tokens back in
+    patch order.
+    """
+    b, n, _ = x.shape
+    n_drop = num_dropped(drop_ratio, n)
     if n_drop == 0:
         return x, jnp.zeros((b, n), jnp.float32), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    if rng is None:
-        raise ValueError("encode_image(drop_ratio > 0) needs rng=jax.random.key(...).")
-    noise = jax.random.uniform(rng, (b, n))
+    if noise is None:
+        if rng is None:
+            raise ValueError("encode_image(drop_ratio > 0) needs rng=jax.random.key(...) or noise.")
+        noise = patch_noise(rng, b, n)
+    elif noise.shape != (b, n):
+        raise ValueError(f"drop_patches: noise has shape {noise.shape}, the tokens need {(b, n)}.")
     ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: the first K are kept
     ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
     kept = jnp.take_along_axis(x, ids_shuffle[:, : n - n_drop, None], axis=1)
@@ -315,11 +331,11 @@ class VisionModel(nn.Module):
         )
         self.post_layernorm = layers.LayerNorm(c.layer_norm_eps, **kw)
 
-    def __call__(self, images, drop_ratio: float = 0.0, rng=None):
+    def __call__(self, images, drop_ratio: float = 0.0, rng=None, noise=None):
         """Returns (hidden (B, 1+K, D) before post-LN, mask, ids_restore)."""
         cls, patches = self.embeddings(images)
         # Dropping after position embeddings, so kept tokens remember where they came from (as in MAE).
-        patches, mask, ids_restore = drop_patches(patches, drop_ratio, rng)
+        patches, mask, ids_restore = drop_patches(patches, drop_ratio, rng, noise)
         x = self.pre_layrnorm(jnp.concatenate([cls, patches], axis=1))
         return self.encoder(x), mask, ids_restore
 
@@ -370,15 +386,16 @@ class CLIP(nn.Module):
         mask = jnp.arange(ids.shape[-1])[None] <= pos[:, None]
         return dict(embed=embed, tokens=tokens, hidden=hidden, mask=mask)
 
-    def encode_image(self, images, *, drop_ratio: float = 0.0, rng=None):
+    def encode_image(self, images, *, drop_ratio: float = 0.0, rng=None, noise=None):
         """images (B, H, W, 3), CLIP-normalised -> dict(embed, tokens, hidden, mask, ids_restore).
 
         embed (B, E): projected post-LN class token. tokens (B, 1+K, E): post-LN + projection of the class
         token and every kept patch. hidden (B, 1+K, D): HF's last_hidden_state (no post-LN). mask (B, N):
         1.0 where a patch was dropped. ids_restore (B, N) int32: un-shuffles [kept..., dropped...].
-        `drop_ratio` is a Python float (it fixes K, a shape); `rng` a jax key, needed when it is > 0.
+        `drop_ratio` is a Python float (it fixes K, a shape); when it is > 0, `rng` (a jax key) or `noise`
+        (`drop_patches`) picks the patches.
         """
-        hidden, mask, ids_restore = self.vision_model(jnp.asarray(images, self.dtype), drop_ratio, rng)
+        hidden, mask, ids_restore = self.vision_model(jnp.asarray(images, self.dtype), drop_ratio, rng, noise)
         tokens = self.visual_projection(self.vision_model.post_layernorm(hidden))
         return dict(embed=tokens[:, 0], tokens=tokens, hidden=hidden, mask=mask, ids_restore=ids_restore)
 

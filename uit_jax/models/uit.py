@@ -138,8 +138,20 @@ class UIT(nn.Module):
         """(B, L) token ids -> (B, E) float32 embeddings (not normalised)."""
         return self.clip.encode_text(ids)["embed"].astype(jnp.float32)
 
-    def __call__(self, images, text, *, rng=None, mlm_text=None):
-        """Training forward pass; returns every output a loss may need (float32)."""
+    def embed(self, images, text):
+        """(z_img, z_txt) of the training forward pass alone: the embeddings the batch-wide losses need (the first,
+        gradient-free pass of `steps.make_gradcache_grad_step`)."""
+        return self.encode_image(images), self.encode_text(text)
+
+    def classify(self, z):
+        """(B, E) embeddings -> (B, num_classes) identity logits, the ID head of `__call__`."""
+        return self.classifier(z)
+
+    def __call__(self, images, text, *, rng=None, mlm_text=None, noise=None):
+        """Training forward pass; returns every output a loss may need (float32).
+
+        The restoration branch drops patches by `noise` (`clip.drop_patches`) when given, else by noise drawn from
+        `rng` (or the 'dropout' rng stream): the model's only randomness."""
         img = self.clip.encode_image(images)
         txt = self.clip.encode_text(text)
         out = dict(z_img=img["embed"].astype(jnp.float32), z_txt=txt["embed"].astype(jnp.float32))
@@ -147,9 +159,11 @@ class UIT(nn.Module):
             out["logits_img"] = self.classifier(out["z_img"])
             out["logits_txt"] = self.classifier(out["z_txt"])
         if self.use_restoration:
-            if rng is None:
+            if rng is None and noise is None:
                 rng = self.make_rng("dropout")
-            gray = self.clip.encode_image(grayscale_normalized(images), drop_ratio=self.drop_ratio, rng=rng)
+            gray = self.clip.encode_image(
+                grayscale_normalized(images), drop_ratio=self.drop_ratio, rng=rng, noise=noise
+            )
             pred = self.decoder(gray["tokens"], gray["ids_restore"], txt["tokens"], txt["mask"])
             out["pixels_pred"] = pred.astype(jnp.float32)  # (B, N, p*p*3)
             out["patch_mask"] = gray["mask"]  # (B, N), 1 = dropped
