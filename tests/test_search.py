@@ -208,7 +208,10 @@ def test_eval_rankings_agree_with_the_metrics(run):
     assert all(len(r["top_paths"]) == 10 and r["top_scores"] == sorted(r["top_scores"], reverse=True) for r in rows)
     p = _Imgs()
     p.feed((wd / "eval" / "test_report.html").read_text())
-    assert len(p.srcs) == 10 * len(report.sample(rows, 4)) and all(s.startswith("data:image/jpeg") for s in p.srcs)
+    # The error analysis first (each most-wrong query: its top 5 and the image it should have found), then the
+    # best, median and worst queries with their top 10.
+    shown = 6 * len(report.most_wrong(rows, 10)) + 10 * len(report.sample(rows, 4))
+    assert len(p.srcs) == shown and all(s.startswith("data:image/jpeg") for s in p.srcs)
 
 
 def test_rankings_against_a_brute_force_loop():

@@ -10,6 +10,14 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements-test.txt
+# The browser test (tests/test_serve.py) drives Debian's chromium with its chromium-driver; install them where we
+# can (root, apt-get). Where we cannot, the run goes on and that test says why it skipped.
+if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing Debian's chromium and chromium-driver for the browser test"
+  (timeout 900 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium \
+    chromium-driver) >/tmp/uit_jax_apt_chromium.log 2>&1 \
+    || echo "could not install chromium (see /tmp/uit_jax_apt_chromium.log): the browser test will skip"
+fi
 ruff check .
 ruff format --check .
 python -m pytest -q -n "${UIT_JAX_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

@@ -9,8 +9,9 @@
 
 Images are preprocessed by `uit_jax.data.images` (PIL/numpy), the same code the evaluation uses, so an image's
 embedding here equals the one `--mode=eval` computes. Search is exact: cosine similarity against every gallery
-embedding, blockwise on the accelerator, with the gallery sharded across the local devices when there are several.
-No TensorFlow, tfds, CLU or ml_collections is imported.
+embedding, blockwise on the accelerator, with the gallery sharded across the local devices when there are several;
+an index may also hold an approximate FAISS index (`index.build_ann("hnsw")`, `uit_jax.ann`) for galleries past a
+million images, which `search` then uses. No TensorFlow, tfds, CLU or ml_collections is imported.
 """
 
 from __future__ import annotations
@@ -233,12 +234,16 @@ class Retriever:
 
 @dataclasses.dataclass
 class Index:
-    """Gallery embeddings (N, D) float32, unit-norm, with their paths; `model` is the Retriever's fingerprint."""
+    """Gallery embeddings (N, D) float32, unit-norm, with their paths; `model` is the Retriever's fingerprint.
+
+    `ann`: an optional approximate index over the same rows (`uit_jax.ann.AnnIndex`), used by `search` and `top_k`
+    unless they are asked for exact results; saved beside the exact index (PATH.faiss) and loaded with it."""
 
     paths: list[str]
     embeddings: np.ndarray
     model: str
     skipped: list[str] = dataclasses.field(default_factory=list)
+    ann: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, dim: int, model: str) -> Index:
@@ -252,14 +257,29 @@ class Index:
             raise ValueError(f"{len(paths)} paths but {len(embeddings)} embeddings")
         self.paths.extend(paths)
         self.embeddings = np.concatenate([self.embeddings, np.asarray(embeddings, np.float32)])
+        if len(paths):
+            self.ann = None  # it no longer covers the gallery: build it again (`search index` does, at the end)
+
+    def build_ann(self, kind: str, **options):
+        """Builds the approximate index `kind` ('hnsw', 'ivf', 'ivfpq'; see uit_jax.ann) over the embeddings."""
+        from uit_jax import ann as ann_lib  # noqa: PLC0415
+
+        self.ann = ann_lib.AnnIndex.build(self.embeddings, kind, **options)
+        return self.ann
 
     def save(self, path: str) -> None:
-        """Writes PATH.npz (embeddings) and PATH.json (paths, model), each atomically."""
+        """Writes PATH.npz (embeddings) and PATH.json (paths, model), each atomically, and PATH.faiss when the
+        index holds an approximate one (a stale PATH.faiss is removed)."""
         base = _index_base(path)
         os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
         with open(base + ".npz.partial", "wb") as f:
             np.savez(f, embeddings=self.embeddings)
         meta = {"model": self.model, "paths": self.paths, "skipped": self.skipped, "dim": int(self.embeddings.shape[1])}
+        if self.ann is not None:
+            self.ann.save(base + ".faiss")
+            meta["ann"] = self.ann.meta()
+        elif os.path.exists(base + ".faiss"):
+            os.remove(base + ".faiss")
         with open(base + ".json.partial", "w") as f:
             json.dump(meta, f)
         os.replace(base + ".npz.partial", base + ".npz")
@@ -279,16 +299,39 @@ class Index:
                 f"Index {base} is inconsistent: {emb.shape[0]} embeddings for {len(meta['paths'])} paths "
                 "(an interrupted write?); rebuild it with `search index`."
             )
-        return cls(list(meta["paths"]), emb.astype(np.float32), meta["model"], list(meta.get("skipped", [])))
+        ann = None
+        if meta.get("ann"):
+            from uit_jax import ann as ann_lib  # noqa: PLC0415
 
-    def search(self, queries: np.ndarray, k: int = 10, *, block: int = 65536) -> list[list[tuple[str, float]]]:
-        """The k best gallery images per query: [[(path, cosine score), ...], ...] (exact, best first)."""
+            ann = ann_lib.AnnIndex.load(base + ".faiss", meta["ann"])
+            if len(ann) != emb.shape[0]:
+                raise ValueError(
+                    f"Index {base}: the approximate index holds {len(ann)} rows for {emb.shape[0]} embeddings (an "
+                    "interrupted write?); rebuild it with `search index --ann=...`."
+                )
+        index = cls(list(meta["paths"]), emb.astype(np.float32), meta["model"], list(meta.get("skipped", [])))
+        index.ann = ann
+        return index
+
+    def top_k(self, queries: np.ndarray, k: int = 10, *, exact: bool = False, block: int = 65536):
+        """(scores (Q, k) float32, gallery rows (Q, k) int64), best first: by the approximate index if there is one
+        (rows of -1 where it found fewer than k) unless `exact`, else exact blockwise search on the device."""
+        queries = np.asarray(queries, np.float32)
+        if self.ann is not None and not exact:
+            return self.ann.search(queries, min(k, len(self.paths)))
         cached = getattr(self, "_device", None)
         if cached is None or cached[0] != (len(self.paths), block):  # placed once; re-placed after add()
             self._device = cached = ((len(self.paths), block), DeviceGallery(self.embeddings, block))
-        scores, idx = top_k(np.asarray(queries, np.float32), cached[1], k)
+        return top_k(queries, cached[1], k)
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, *, exact: bool = False, block: int = 65536
+    ) -> list[list[tuple[str, float]]]:
+        """The k best gallery images per query: [[(path, cosine score), ...], ...], best first (exact, or by the
+        approximate index when the index has one and not `exact`)."""
+        scores, idx = self.top_k(queries, k, exact=exact, block=block)
         return [
-            [(self.paths[j], float(s)) for s, j in zip(srow, irow, strict=True)]
+            [(self.paths[j], float(s)) for s, j in zip(srow, irow, strict=True) if j >= 0]
             for srow, irow in zip(scores, idx, strict=True)
         ]
 
