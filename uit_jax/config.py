@@ -95,6 +95,19 @@ def validate(config, num_devices: int) -> None:
             "config.model.attention='cudnn' runs in bfloat16 or float16 only, but config.model.dtype='float32': "
             "use --config.model.dtype=bfloat16 (or auto) or --config.model.attention=xla."
         )
+    if config.loss.mlm > 0 and not config.data.mlm_outputs:
+        errors.append(
+            f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "
+            "--config.data.mlm_outputs=True (or --config.loss.mlm=0)."
+        )
+    errors += _eval_errors(config) + _micro_batch_errors(config, num_devices)
+    if errors:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _eval_errors(config) -> list[str]:
+    """The evaluation block: the selection rule and a cross-domain target."""
+    errors = []
     select_on = config.eval.get("select_on", "val")
     if select_on not in ("val", "test"):
         errors.append(
@@ -107,15 +120,15 @@ def validate(config, num_devices: int) -> None:
             f"config.eval.dataset={target!r} is not a known dataset; use one of {sorted(data_defaults.DATASETS)} "
             "(or '' for the run's own)."
         )
-    if config.loss.mlm > 0 and not config.data.mlm_outputs:
-        errors.append(
-            f"config.loss.mlm={config.loss.mlm} needs the masked captions from the data: set "
-            "--config.data.mlm_outputs=True (or --config.loss.mlm=0)."
-        )
-    if config.batch_size > 0 and config.batch_size % num_devices == 0:
-        try:
-            steps.check_micro_batch(config.get("micro_batch", 0), config.batch_size, num_devices)
-        except ValueError as e:
-            errors.append(str(e))
-    if errors:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
+    return errors
+
+
+def _micro_batch_errors(config, num_devices: int) -> list[str]:
+    """Gradient caching's chunk size must divide the per-device batch (checked once the batch divides at all)."""
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+        return []
+    try:
+        steps.check_micro_batch(config.get("micro_batch", 0), config.batch_size, num_devices)
+    except ValueError as e:
+        return [str(e)]
+    return []

@@ -154,6 +154,42 @@ def check_micro_batch(micro_batch: int, batch: int, shards: int) -> int:
     return per_device // micro_batch if micro_batch else 1
 
 
+def _chunk_layout(mesh, shards: int, m: int):
+    """(to_chunks, from_chunks): (B, ...) <-> (chunks, D * m, ...), chunk k holding rows k*m..(k+1)*m-1 of each
+    device's shard, so no row changes device; both keep the batch's sharding (None: no mesh)."""
+    rows_sh = batch_sh = None
+    if mesh is not None:
+        batch_sh = sharding.batch_sharding(mesh)
+        rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+    constrain = lambda x, sh: x if sh is None else jax.lax.with_sharding_constraint(x, sh)
+
+    def to_chunks(x):
+        n = x.shape[0] // shards // m
+        x = x.reshape(shards, n, m, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x.reshape(n, shards * m, *x.shape[3:]), rows_sh)
+
+    def from_chunks(x):
+        n = x.shape[0]
+        x = x.reshape(n, shards, m, *x.shape[2:]).swapaxes(0, 1)
+        return constrain(x.reshape(n * shards * m, *x.shape[3:]), batch_sh)
+
+    return to_chunks, from_chunks
+
+
+def _embedding_grads(loss_fn: LossFn, params, z_img, z_txt, pid, step):
+    """((loss, parts), (head grads, dL/dz_img, dL/dz_txt)) of the objectives that see the whole batch's embeddings;
+    the ID head (the only parameters they reach) is applied here to the embeddings."""
+    model, use_id = loss_fn.model, bool(loss_fn.w["id"])
+
+    def embedding_loss(head, zi, zt):
+        logits = [model.apply({"params": head}, z, method=model.classify) for z in (zi, zt)] if use_id else (None,) * 2
+        parts = loss_fn.embedding_parts(zi, zt, *logits, pid)
+        return loss_fn.total(parts, step) if parts else jnp.zeros((), jnp.float32), parts
+
+    head = {"classifier": params["classifier"]} if use_id else {}
+    return jax.value_and_grad(embedding_loss, (0, 1, 2), has_aux=True)(head, z_img, z_txt)
+
+
 def make_gradcache_grad_step(
     loss_fn: LossFn, micro_batch: int, mesh=None, param_sharding=None, *, with_aux: bool = False
 ) -> Callable:
@@ -179,22 +215,9 @@ def make_gradcache_grad_step(
         raise TypeError("micro_batch > 0 needs the objective from steps.make_loss_fn (it is assembled from its parts).")
     model = loss_fn.model
     shards = 1 if mesh is None else sharding.data_shards(mesh)
-    rows_sh = batch_sh = None
-    if mesh is not None:
-        batch_sh = sharding.batch_sharding(mesh)
-        rows_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+    to_chunks, from_chunks = _chunk_layout(mesh, shards, micro_batch)
     constrain = lambda x, sh: x if sh is None else jax.lax.with_sharding_constraint(x, sh)
     m = micro_batch
-
-    def to_chunks(x):  # (B, ...) -> (chunks, D * m, ...); chunk k: rows k*m..(k+1)*m-1 of each device's shard
-        n = x.shape[0] // shards // m
-        x = x.reshape(shards, n, m, *x.shape[1:]).swapaxes(0, 1)
-        return constrain(x.reshape(n, shards * m, *x.shape[3:]), rows_sh)
-
-    def from_chunks(x):  # the inverse: back to the batch's row order and sharding
-        n = x.shape[0]
-        x = x.reshape(n, shards, m, *x.shape[2:]).swapaxes(0, 1)
-        return constrain(x.reshape(n * shards * m, *x.shape[3:]), batch_sh)
 
     def grad_step(params, batch, rng, step):
         rng = jax.random.fold_in(rng, step)
@@ -212,18 +235,7 @@ def make_gradcache_grad_step(
 
         # 2. The batch-wide objectives and their gradients: with respect to the embeddings, and the identity head's.
         use_id = bool(loss_fn.w["id"])
-
-        def embedding_loss(head, zi, zt):
-            logits = (
-                [model.apply({"params": head}, z, method=model.classify) for z in (zi, zt)] if use_id else (None,) * 2
-            )
-            parts = loss_fn.embedding_parts(zi, zt, *logits, batch["pid"])
-            return loss_fn.total(parts, step) if parts else jnp.zeros((), jnp.float32), parts
-
-        head = {"classifier": params["classifier"]} if use_id else {}
-        (loss, parts), (g_head, dz_img, dz_txt) = jax.value_and_grad(embedding_loss, (0, 1, 2), has_aux=True)(
-            head, z_img, z_txt
-        )
+        (loss, parts), (g_head, dz_img, dz_txt) = _embedding_grads(loss_fn, params, z_img, z_txt, batch["pid"], step)
 
         # 3. Each chunk again, forward and backward, the embeddings' cotangents given, the per-row objectives added.
         counts = {}
